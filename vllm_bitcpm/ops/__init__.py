@@ -1,0 +1,61 @@
+"""The plugin's one op, ``torch.ops.bitcpm.ternary_linear``: y = x @ dequant(codes, scales).T + bias.
+
+Every ternary linear layer calls this op and nothing else, so each platform plugs in by
+registering a kernel for its dispatch key; the layer code never changes.
+
+Kernels, by dispatch key:
+
+* ``CompositeExplicitAutograd`` (every device): :mod:`vllm_bitcpm.ops.reference`, plain
+  vectorized PyTorch. It is the oracle's twin and the fallback: a device with no kernel of its
+  own runs it and says so once in the log.
+* ``CPU``: the C++ kernel built from ``kernels/cpu/`` registers here with
+  ``TORCH_LIBRARY_IMPL(bitcpm, CPU, m)`` when it is built (a backend kernel takes precedence
+  over the composite one).
+* ``PrivateUse1`` (Ascend NPU, renamed "npu" by torch_npu): the slot for the NPU kernel — the
+  AscendC op from ``kernels/ascend/`` or a torch_npu composition registered with
+  ``torch.library.impl("bitcpm::ternary_linear", "PrivateUse1")`` when torch_npu imports.
+* ``Meta``/fake: shape-only implementation so torch.compile (vLLM's default mode) traces it.
+
+Schema::
+
+    ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias) -> Tensor
+
+``x`` is (..., K) in float32/float16/bfloat16; ``codes`` uint8 (N, ceil(K/4)) and ``scales``
+(N, ceil(K/group_size)) follow :mod:`vllm_bitcpm.ternary`'s packed layout version 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_bitcpm.ops import reference
+
+OP_NAMESPACE = "bitcpm"
+OP_NAME = "ternary_linear"
+SCHEMA = "ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias) -> Tensor"
+
+
+def _define() -> None:
+    """Define the op once per process (re-imports and reloads must not redefine it)."""
+    if hasattr(torch.ops, OP_NAMESPACE) and hasattr(getattr(torch.ops, OP_NAMESPACE), OP_NAME):
+        return
+    lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
+    lib.define(SCHEMA)
+    lib.impl(OP_NAME, reference.ternary_linear_fallback, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{OP_NAMESPACE}::{OP_NAME}", reference.ternary_linear_fake, lib=lib)
+    _LIBRARIES.append(lib)  # a Library deregisters its ops when garbage-collected
+
+
+_LIBRARIES: list[torch.library.Library] = []
+_define()
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Call the op through the dispatcher (picks the device's kernel)."""
+    return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias)

@@ -1,0 +1,163 @@
+"""Run the same workload through stock vLLM and through vLLM with this plugin, side by side.
+
+Plugins register process-wide (model registry, quantization methods), so stock and plugin runs
+cannot share a process. Each :func:`run_engine_jobs` call starts one child process
+(``python -m vllm_bitcpm.sidebyside``) with ``VLLM_PLUGINS`` set to enable or disable the
+plugin; the child runs every job with the real ``vllm.LLM`` engine, in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, a small KV cache) so each engine starts in seconds, and
+returns tokens, per-step top-k logprobs and what the plugin did to the linear layers.
+Tests, the demo and the benchmarks share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+PLUGIN_NAME = "bitcpm"
+_RESULT_MARKER = "BITCPM_SIDEBYSIDE_RESULT "
+
+
+@dataclasses.dataclass
+class EngineJob:
+    """One engine start and the prompts it generates for (greedy)."""
+
+    model: str
+    prompts: list[list[int]]  # token ids, so stock and plugin see identical inputs
+    max_tokens: int = 32
+    logprobs: int = 10
+    dtype: str = "float32"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def default_llm_kwargs() -> dict[str, Any]:
+    """Small-machine engine settings: eager, small KV cache, no RAM-share check."""
+    return {
+        "enforce_eager": True,
+        "kv_cache_memory_bytes": 128 * 1024 * 1024,
+        "gpu_memory_utilization": 0.05,
+        "max_model_len": 2048,
+        "seed": 0,
+    }
+
+
+def run_engine_jobs(
+    jobs: list[EngineJob], plugin: bool, timeout: float = 900, extra_env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` in a fresh process with the plugin enabled or disabled; one result per job.
+
+    A job that fails reports ``{"error": "<Type>: <message>"}`` instead of outputs, so callers
+    can assert on the message users would see.
+    """
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = PLUGIN_NAME if plugin else ""
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.update(extra_env or {})
+    payload = json.dumps([dataclasses.asdict(job) for job in jobs])
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_bitcpm.sidebyside"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_MARKER):
+            results = json.loads(line[len(_RESULT_MARKER):])
+            for result in results:
+                result["log"] = proc.stderr
+            return results
+    raise RuntimeError(
+        f"engine child exited with {proc.returncode} and no result\n--- stderr ---\n{proc.stderr[-8000:]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Child side
+
+
+def inspect_linear_layers(model) -> dict[str, Any]:
+    """Count packed vs dense linear layers and their weight bytes (runs inside the worker)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    packed, dense, packed_bytes, dense_bytes, packed_weights = 0, 0, 0, 0, 0
+    for module in model.modules():
+        if not isinstance(module, LinearBase):
+            continue
+        if getattr(module, "bitcpm_packed", False):
+            packed += 1
+            nbytes = sum(
+                t.numel() * t.element_size() for t in (module.weight_codes, module.weight_scales)
+            )
+            packed_bytes += nbytes
+            packed_weights += module.weight_codes.shape[0] * module.input_size_per_partition
+        else:
+            dense += 1
+            weight = getattr(module, "weight", None)
+            if weight is not None:
+                dense_bytes += weight.numel() * weight.element_size()
+    return {
+        "packed_layers": packed,
+        "dense_layers": dense,
+        "packed_bytes": packed_bytes,
+        "dense_bytes": dense_bytes,
+        "bits_per_packed_weight": 8.0 * packed_bytes / packed_weights if packed_weights else None,
+    }
+
+
+def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = default_llm_kwargs()
+    kwargs.update(job["llm_kwargs"])
+    started = time.perf_counter()
+    try:
+        llm = LLM(
+            model=job["model"],
+            dtype=job["dtype"],
+            quantization=job["quantization"],
+            tensor_parallel_size=job["tensor_parallel_size"],
+            trust_remote_code=job["trust_remote_code"],
+            **kwargs,
+        )
+    except Exception as err:  # noqa: BLE001 - reported to the caller, who asserts on it
+        return {"error": f"{type(err).__name__}: {err}"}
+    load_seconds = time.perf_counter() - started
+    params = SamplingParams(
+        max_tokens=job["max_tokens"], temperature=0.0, logprobs=job["logprobs"], ignore_eos=True
+    )
+    requests = [{"prompt_token_ids": ids} for ids in job["prompts"]]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        steps = [
+            {str(tok): lp.logprob for tok, lp in step.items()} for step in (completion.logprobs or [])
+        ]
+        results.append({"token_ids": list(completion.token_ids), "logprobs": steps})
+    layers = llm.apply_model(inspect_linear_layers)
+    del llm
+    gc.collect()
+    return {"outputs": results, "layers": layers, "load_seconds": load_seconds}
+
+
+def _child_main() -> None:
+    jobs = json.loads(sys.stdin.read())
+    results = [_run_job(job) for job in jobs]
+    sys.stdout.write("\n" + _RESULT_MARKER + json.dumps(results) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -1,0 +1,276 @@
+"""Ternary weights: detect how a fake-quantized matrix was scaled, pack it at 2 bits, unpack it.
+
+Pure PyTorch, no vLLM: everything here is reusable by the vLLM glue, the converter and the tests.
+
+A BitCPM checkpoint stores each linear weight as ``W = T * S`` in bf16, with ``T`` in {-1, 0, 1}
+and ``S`` one scale per tensor, per output row, or per group of ``g`` consecutive input columns.
+Because ``t * s`` is exact in floating point for ``t`` in {-1, 0, 1}, ``(T, S)`` reproduces ``W``
+exactly, so packing is lossless (``-0.0`` is stored as ``0``: equal as a number, which is all a
+matmul can observe).
+
+Packed layout, version 1 (the storage layout; kernels may repack once at load):
+
+* ``codes``: uint8 ``(N, ceil(K / 4))``. Element ``k`` of a row sits in byte ``k // 4`` at bits
+  ``2 * (k % 4)``, as the code ``t + 1`` in {0, 1, 2}. Padding columns hold code 1 (zero).
+* ``scales``: ``(N, G)``, ``G = ceil(K / group_size)``, in bf16/fp16 when that holds them
+  exactly (it does for bf16 checkpoints, even when vLLM runs them in float32), else in the
+  weight's dtype; column ``k`` uses
+  ``scales[:, k // group_size]``. Per-tensor and per-row scales are stored with ``G = 1``
+  (``group_size = K``), so a kernel handles one layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import torch
+
+PACK_LAYOUT_VERSION = 1
+WEIGHTS_PER_BYTE = 4
+
+#: Smallest group of input columns accepted as a scale group. Finer groups cost
+#: >= 2.5 bits per weight with bf16 scales, no better than keeping a layer dense
+#: in spirit, and would let almost any matrix pass as "ternary" (g = 1 always does).
+MIN_GROUP_SIZE = 32
+
+
+class Granularity(str, enum.Enum):
+    """How many weights share one scale, coarsest first."""
+
+    PER_TENSOR = "per_tensor"
+    PER_ROW = "per_row"
+    PER_GROUP = "per_group"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleLayout:
+    """The coarsest scale layout that reproduces a matrix exactly."""
+
+    granularity: Granularity
+    group_size: int  # input columns per scale; equals K for per-tensor and per-row
+
+    def describe(self) -> str:
+        if self.granularity is Granularity.PER_GROUP:
+            return f"per_group(g={self.group_size})"
+        return self.granularity.value
+
+
+class NotTernaryError(ValueError):
+    """A matrix is not ternary times a scale at any accepted granularity."""
+
+
+@dataclasses.dataclass
+class TernaryMatrix:
+    """One matrix (or several stacked matrices) packed at 2 bits per weight plus scales."""
+
+    codes: torch.Tensor  # uint8 (N, ceil(K/4)), layout version 1
+    scales: torch.Tensor  # (N, ceil(K/group_size)); 16-bit when exact, else the weight's dtype
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + (
+            self.scales.numel() * self.scales.element_size()
+        )
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / (self.out_features * self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``(N, K)`` matrix, equal to the fake-quantized original."""
+        return dequantize(self.codes, self.scales, self.group_size, self.in_features, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+
+
+def _group_absmax(absw: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Max of ``absw`` (N, K) over each group of ``group_size`` columns -> (N, G)."""
+    n, k = absw.shape
+    groups = math.ceil(k / group_size)
+    pad = groups * group_size - k
+    if pad:
+        absw = torch.nn.functional.pad(absw, (0, pad))
+    return absw.view(n, groups, group_size).amax(dim=2)
+
+
+def _expand_groups(per_group: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """(N, G) -> (N, K): repeat each group's value over its columns."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def _first_mismatch(absw: torch.Tensor, scale_full: torch.Tensor) -> tuple[int, int] | None:
+    bad = (absw != 0) & (absw != scale_full)
+    if not bool(bad.any()):
+        return None
+    row, col = (int(i) for i in bad.nonzero()[0])
+    return row, col
+
+
+def _candidate_group_sizes(k: int) -> list[int]:
+    """Power-of-two group sizes below K, coarsest first (each nests inside the next)."""
+    sizes = []
+    g = MIN_GROUP_SIZE
+    while g < k:
+        sizes.append(g)
+        g *= 2
+    return sizes[::-1]
+
+
+def detect_scale_layout(weight: torch.Tensor, name: str = "weight") -> ScaleLayout:
+    """Find the coarsest granularity at which ``weight`` is exactly ternary times a scale.
+
+    Raises :class:`NotTernaryError` naming ``name`` and the first offending element.
+    The finest candidate is checked first: a matrix that fails it fails every coarser
+    one too (power-of-two groups nest inside rows, rows inside the tensor), so a dense
+    layer is rejected after a single pass.
+    """
+    if weight.dim() != 2:
+        raise NotTernaryError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        row, col = (int(i) for i in (~torch.isfinite(w)).nonzero()[0])
+        raise NotTernaryError(
+            f"{name}: element [{row}, {col}] = {w[row, col].item()} is not finite, "
+            "so the matrix is not ternary"
+        )
+    absw = w.abs()
+    n, k = absw.shape
+    groups = _candidate_group_sizes(k)
+    finest = groups[-1] if groups else k
+    finest_scale = _group_absmax(absw, finest)
+    mismatch = _first_mismatch(absw, _expand_groups(finest_scale, finest, k))
+    if mismatch is not None:
+        row, col = mismatch
+        what = f"group of {finest} columns" if finest < k else "row"
+        raise NotTernaryError(
+            f"{name}: not ternary - element [{row}, {col}] = {w[row, col].item():.8g} while "
+            f"the largest magnitude in its {what} is "
+            f"{finest_scale[row, col // finest].item():.8g}; a ternary weight takes only the "
+            "values {-s, 0, +s} per scale group"
+        )
+
+    tensor_max = absw.max() if absw.numel() else absw.new_zeros(())
+    if _first_mismatch(absw, tensor_max.expand_as(absw)) is None:
+        return ScaleLayout(Granularity.PER_TENSOR, k)
+    row_max = absw.amax(dim=1, keepdim=True)
+    if _first_mismatch(absw, row_max.expand_as(absw)) is None:
+        return ScaleLayout(Granularity.PER_ROW, k)
+    for g in groups:  # coarsest first; the finest is known to pass
+        scale = _group_absmax(absw, g)
+        if _first_mismatch(absw, _expand_groups(scale, g, k)) is None:
+            return ScaleLayout(Granularity.PER_GROUP, g)
+    raise AssertionError("unreachable: the finest group size passed above")
+
+
+def is_ternary(weight: torch.Tensor) -> bool:
+    try:
+        detect_scale_layout(weight)
+    except NotTernaryError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_codes(trits: torch.Tensor) -> torch.Tensor:
+    """int (N, K) with values in {-1, 0, 1} -> uint8 (N, ceil(K/4)), layout version 1."""
+    n, k = trits.shape
+    padded_k = math.ceil(k / WEIGHTS_PER_BYTE) * WEIGHTS_PER_BYTE
+    codes = torch.ones((n, padded_k), dtype=torch.uint8, device=trits.device)
+    codes[:, :k] = (trits + 1).to(torch.uint8)
+    codes = codes.view(n, padded_k // WEIGHTS_PER_BYTE, WEIGHTS_PER_BYTE)
+    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).contiguous()
+
+
+def unpack_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 (N, ceil(K/4)) -> int8 (N, K) with values in {-1, 0, 1}."""
+    n = codes.shape[0]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)
+    fields = (codes.unsqueeze(-1) >> shifts) & 3
+    return fields.view(n, -1)[:, :in_features].to(torch.int8) - 1
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Packed codes and scales -> dense (N, K) weight (exact in the scales' dtype)."""
+    dtype = dtype or scales.dtype
+    trits = unpack_codes(codes, in_features).to(scales.dtype)
+    full_scales = _expand_groups(scales, group_size, in_features)
+    return (trits * full_scales).to(dtype)
+
+
+def _scales_for(absw: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
+    """Scale values (N, G) for ``layout``; per-tensor is broadcast to one scale per row."""
+    n, k = absw.shape
+    if layout.granularity is Granularity.PER_TENSOR:
+        return absw.max().expand(n, 1).clone() if absw.numel() else absw.new_zeros((n, 1))
+    return _group_absmax(absw, layout.group_size)
+
+
+def _narrowest_exact(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Store scales in 16 bits when that is exact (a bf16 checkpoint run in float32 still has
+    bf16 scales), else in the weight's dtype. Dequantizing casts up, which is exact."""
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.finfo(narrow).bits >= torch.finfo(dtype).bits:
+            continue
+        candidate = scales.to(narrow)
+        if torch.equal(candidate.to(scales.dtype), scales):
+            return candidate.contiguous()
+    return scales.to(dtype).contiguous()
+
+
+def quantize_exact(
+    weight: torch.Tensor, name: str = "weight", partition_sizes: list[int] | None = None
+) -> tuple[TernaryMatrix, list[ScaleLayout]]:
+    """Pack a fake-quantized weight losslessly.
+
+    ``partition_sizes`` lists the row counts of the logical matrices stacked in ``weight``
+    (vLLM fuses q/k/v and gate/up); each is detected on its own, since each came from its own
+    checkpoint tensor with its own scales. The packed result uses one group size for all rows
+    (the finest among the partitions), which is exact because power-of-two groups nest.
+    Raises :class:`NotTernaryError` naming the partition that failed.
+    """
+    partition_sizes = partition_sizes or [weight.shape[0]]
+    if sum(partition_sizes) != weight.shape[0]:
+        raise ValueError(
+            f"{name}: partition sizes {partition_sizes} do not add up to {weight.shape[0]} rows"
+        )
+    k = weight.shape[1]
+    parts = weight.detach().split(partition_sizes, dim=0)
+    layouts = [
+        detect_scale_layout(part, name if len(parts) == 1 else f"{name}[partition {i}]")
+        for i, part in enumerate(parts)
+    ]
+    group_size = min(layout.group_size for layout in layouts)
+    scale_blocks = []
+    for part, layout in zip(parts, layouts):
+        scale = _scales_for(part.to(torch.float32).abs(), layout)
+        scale_blocks.append(_expand_groups(scale, layout.group_size, k)[:, ::group_size])
+    scales = _narrowest_exact(torch.cat(scale_blocks, dim=0), weight.dtype)
+
+    full_scales = _expand_groups(scales.to(torch.float32), group_size, k)
+    w = weight.detach().to(torch.float32)
+    trits = torch.where(full_scales > 0, w / torch.where(full_scales > 0, full_scales, 1), 0)
+    trits = trits.round().to(torch.int8)
+    codes = pack_codes(trits)
+    packed = TernaryMatrix(codes=codes, scales=scales, group_size=group_size, in_features=k)
+    return packed, layouts
