@@ -46,8 +46,8 @@ class NextTokenComparison:
 
     ref_top1: int
     cand_top1: int
-    top1_match: bool
-    top5_inclusion: bool          # reference top-1 is in the candidate's top-5
+    top1_match: bool              # candidate ranks the reference top-1 first (ties count)
+    top5_inclusion: bool          # reference top-1 is in the candidate's top-5 (ties count)
     top10_overlap: int            # |top10(ref) & top10(cand)|
     ref_top1_prob: float
     top1_prob_rel_error: float    # |p_cand(ref_top1) - p_ref(ref_top1)| / p_ref(ref_top1)
@@ -74,13 +74,14 @@ def compare_next_token(ref_logits: torch.Tensor, candidate: Candidate) -> NextTo
     ref_top1 = ref_top10[0]
 
     if isinstance(candidate, Mapping):
-        ranked = sorted(candidate.items(), key=lambda item: item[1], reverse=True)
-        cand_ranking = [int(token) for token, _ in ranked]
-        cand_prob = {int(token): math.exp(lp) for token, lp in candidate.items()}
+        cand_lp_of = {int(token): float(lp) for token, lp in candidate.items()}
+        cand_ranking = sorted(cand_lp_of, key=cand_lp_of.__getitem__, reverse=True)
 
         def p_cand(token: int) -> float:
-            return cand_prob.get(token, 0.0)
+            return math.exp(cand_lp_of[token]) if token in cand_lp_of else 0.0
 
+        ranked_values = [cand_lp_of[t] for t in cand_ranking]
+        ref_top1_value = cand_lp_of.get(ref_top1, -math.inf)
         full_metrics = (None, None, None)
     else:
         cand_lp = _log_probs(candidate)
@@ -92,17 +93,23 @@ def compare_next_token(ref_logits: torch.Tensor, candidate: Candidate) -> NextTo
         def p_cand(token: int) -> float:
             return float(cand_p[token])
 
+        ranked_values = cand_lp[cand_ranking].tolist()
+        ref_top1_value = float(cand_lp[ref_top1])
         diff = cand_p - ref_p
         kl = float((ref_p * (ref_lp - cand_lp)).sum())
         full_metrics = (float(diff.abs().max()), float(diff.pow(2).mean().sqrt()), kl)
 
+    # A candidate that ties the reference's top-1 with its own best (common
+    # with bf16 logits) agrees with the reference; ranks alone would be arbitrary.
+    top1_match = ref_top1_value >= ranked_values[0]
+    top5_inclusion = ref_top1_value >= ranked_values[min(5, len(ranked_values)) - 1]
     ref_top1_prob = float(ref_p[ref_top1])
     top10_errors = [abs(p_cand(t) - float(ref_p[t])) for t in ref_top10]
     return NextTokenComparison(
         ref_top1=ref_top1,
         cand_top1=cand_ranking[0],
-        top1_match=cand_ranking[0] == ref_top1,
-        top5_inclusion=ref_top1 in cand_ranking[:5],
+        top1_match=top1_match,
+        top5_inclusion=top5_inclusion,
         top10_overlap=len(set(ref_top10) & set(cand_ranking[:10])),
         ref_top1_prob=ref_top1_prob,
         top1_prob_rel_error=abs(p_cand(ref_top1) - ref_top1_prob) / ref_top1_prob,

@@ -56,7 +56,7 @@ class PackingReport:
         line = (
             f"bitcpm: packed {self.packed_layers}/{self.processed_layers} linear layers as ternary "
             f"({self.packed_bits_per_weight():.3f} bits/weight incl. scales"
-            f"{'; ' + kinds if kinds else ''}); linear weights "
+            f"{'; scales of ' + kinds + ' matrices' if kinds else ''}); linear weights "
             f"{self.dense_bytes_before / _MIB:.1f} MiB -> {self.bytes_after / _MIB:.1f} MiB"
         )
         if self.dense_layer_names:

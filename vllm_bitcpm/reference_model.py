@@ -106,6 +106,11 @@ def _load_weights(path: pathlib.Path, dtype: torch.dtype) -> dict[str, torch.Ten
 class ReferenceMiniCPM:
     """Full-prompt MiniCPM forward (no KV cache) in a chosen float dtype.
 
+    ``use_long_factors`` forces the LongRoPE factor set (see the module
+    docstring); ``activation_dtype=torch.bfloat16`` rounds every tensor an
+    engine stores (projection outputs, rotated q/k, residual stream, norms,
+    logits) to estimate the noise floor of a bf16 engine.
+
     The keyword-only ``rope_theta``, ``ignore_longrope_factors``,
     ``no_residual_scale`` and ``no_causal_mask`` arguments deliberately break
     the model; they exist so that tests can prove the comparison against this
@@ -137,7 +142,9 @@ class ReferenceMiniCPM:
         self.scale_emb = config.get("scale_emb", 1.0)
         self.residual_scale = config.get("scale_depth", 1.0) / math.sqrt(self.num_layers)
         self.logit_divisor = self.hidden_size / config.get("dim_model_base", self.hidden_size)
-        self.rope_theta = rope_theta if rope_theta is not None else config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        default_theta = config.get("rope_theta") or scaling.get("rope_theta") or 10000.0
+        self.rope_theta = rope_theta if rope_theta is not None else default_theta
         self.use_long_factors = use_long_factors
         self.activation_dtype = activation_dtype
         self.ignore_longrope_factors = ignore_longrope_factors
@@ -149,8 +156,7 @@ class ReferenceMiniCPM:
         else:
             self.lm_head = weights["lm_head.weight"]
 
-        scaling = config.get("rope_scaling") or config.get("rope_parameters")
-        rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        rope_type = scaling.get("rope_type") or scaling.get("type")
         if rope_type in (None, "default"):
             self.longrope = None
         elif rope_type == "longrope":
@@ -178,20 +184,24 @@ class ReferenceMiniCPM:
             return x
         return x.to(self.activation_dtype).to(self.dtype)
 
-    def _rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_cos_sin(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (seq_len, 1, head_dim) used for a sequence of this length."""
         positions = torch.arange(seq_len)
         factors, attention_factor = None, 1.0
         if self.longrope is not None:
-            original = self.longrope["original_max_position_embeddings"]
+            max_positions = self.config["max_position_embeddings"]
+            original = self.longrope.get("original_max_position_embeddings") or max_positions
             use_long = self.use_long_factors
             if use_long is None:
                 use_long = seq_len > original
             if not self.ignore_longrope_factors:
                 factors = self.longrope["long_factor" if use_long else "short_factor"]
-            scale = self.config["max_position_embeddings"] / original
+            scale = max_positions / original
             if scale > 1.0:
                 attention_factor = math.sqrt(1 + math.log(scale) / math.log(original))
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, factors, attention_factor)
+        cos, sin = rope_cos_sin(
+            positions, self.head_dim, self.rope_theta, factors, attention_factor
+        )
         return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -230,7 +240,7 @@ class ReferenceMiniCPM:
         if ids.numel() == 0:
             raise ValueError("token_ids is empty")
         residual_scale = 1.0 if self.no_residual_scale else self.residual_scale
-        cos, sin = self._rope(ids.numel())
+        cos, sin = self.rotary_cos_sin(ids.numel())
         h = self._store(self._w("model.embed_tokens.weight")[ids] * self.scale_emb)
         for layer in range(self.num_layers):
             p = f"model.layers.{layer}"

@@ -74,7 +74,7 @@ def run_engine_jobs(
         if line.startswith(_RESULT_MARKER):
             results = json.loads(line[len(_RESULT_MARKER):])
             for result in results:
-                result["log"] = proc.stderr
+                result["log"] = proc.stdout + proc.stderr
             return results
     raise RuntimeError(
         f"engine child exited with {proc.returncode} and no result\n--- stderr ---\n{proc.stderr[-8000:]}"

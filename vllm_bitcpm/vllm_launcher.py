@@ -27,7 +27,8 @@ LAUNCHER_TEMPLATE = """#!{python}
 # {distribution} installed dies on importlib.metadata.version("vllm"). See vllm_bitcpm/vllm_launcher.py.
 import sys
 from vllm_bitcpm.vllm_launcher import main
-sys.exit(main())
+if __name__ == "__main__":  # vLLM spawns workers that re-import this file
+    sys.exit(main())
 """
 
 

@@ -1,0 +1,122 @@
+"""The real vLLM engine on CPU: plugin vs stock vLLM, and plugin vs the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vllm_bitcpm import accuracy
+from tests.conftest import MAX_TOKENS, TERNARY_GRANULARITIES
+
+#: A step whose top-2 logprobs (of the run being matched) are this close may flip either way.
+NEAR_TIE = 1e-3
+
+
+def _outputs(run: dict) -> list[dict]:
+    assert "error" not in run, run["error"] + "\n" + run["log"][-4000:]
+    return run["outputs"]
+
+
+def _top2_gap(step: dict[str, float]) -> float:
+    top = sorted(step.values(), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else math.inf
+
+
+def compare_greedy(expected_run: dict, actual_run: dict) -> tuple[int, int, list[str]]:
+    """(identical sequences, excused near-tie divergences, failures) over all prompts."""
+    identical, excused, failures = 0, 0, []
+    for i, (exp, act) in enumerate(zip(_outputs(expected_run), _outputs(actual_run))):
+        if exp["token_ids"] == act["token_ids"]:
+            identical += 1
+            continue
+        step = next(s for s, (a, b) in enumerate(zip(exp["token_ids"], act["token_ids"])) if a != b)
+        if _top2_gap(exp["logprobs"][step]) < NEAR_TIE:
+            excused += 1
+        else:
+            failures.append(f"prompt {i}: diverges at step {step}: {exp['token_ids']} vs {act['token_ids']}")
+    return identical, excused, failures
+
+
+@pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed"])
+def test_plugin_greedy_tokens_equal_stock(name, stock_runs, plugin_runs, prompt_ids):
+    identical, excused, failures = compare_greedy(stock_runs[name], plugin_runs[name])
+    print(f"{name}: {identical}/{len(prompt_ids)} identical x {MAX_TOKENS} tokens, "
+          f"{excused} near-tie divergences excused")
+    assert not failures, failures
+    assert identical >= len(prompt_ids) - excused and identical >= 8
+
+
+@pytest.mark.parametrize("name", TERNARY_GRANULARITIES)
+def test_every_linear_layer_is_packed(name, plugin_runs):
+    (layers,) = plugin_runs[name]["layers"]
+    assert layers["dense_layers"] == 0 and layers["packed_layers"] > 0
+    assert "bitcpm: packed" in plugin_runs[name]["log"]
+
+
+def test_packed_layers_hold_about_two_bits(plugin_runs):
+    """bf16 checkpoint: 2 bits of codes + one bf16 scale per row of K=128 or K=256."""
+    (layers,) = plugin_runs["bf16"]["layers"]
+    assert layers["bits_per_packed_weight"] <= 2 + 16 / 128
+    (grouped,) = plugin_runs["per_group"]["layers"]
+    assert grouped["bits_per_packed_weight"] <= 2 + 16 / 64
+
+
+def test_mixed_checkpoint_packs_ternary_layers_and_keeps_the_rest_dense(plugin_runs):
+    (layers,) = plugin_runs["mixed"]["layers"]
+    assert layers["dense_layers"] == 1 and layers["packed_layers"] > 0
+    assert "kept dense: model.layers.1.mlp.down_proj" in plugin_runs["mixed"]["log"]
+
+
+def test_dense_checkpoint_loads_dense_and_matches_stock_exactly(stock_runs, plugin_runs):
+    (layers,) = plugin_runs["dense"]["layers"]
+    assert layers["packed_layers"] == 0
+    assert _outputs(plugin_runs["dense"]) == _outputs(stock_runs["dense"])  # tokens and logprobs
+
+
+@pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed", "dense"])
+def test_plugin_next_token_matches_float64_reference(name, plugin_runs, reference_logits):
+    comparisons = [
+        accuracy.compare_next_token(ref, {int(t): lp for t, lp in out["logprobs"][0].items()})
+        for ref, out in zip(reference_logits[name], _outputs(plugin_runs[name]))
+    ]
+    summary = accuracy.summarize(comparisons)
+    print(f"{name} vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, mean top-10 "
+          f"overlap {summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
+          f"{summary['mean_top1_prob_rel_error']:.4%}")
+    assert accuracy.meets_accuracy_bar(summary), accuracy.bar_failures(summary)
+
+
+def test_bf16_engine_still_meets_the_reference_bar(plugin_runs, reference_logits):
+    comparisons = [
+        accuracy.compare_next_token(ref, {int(t): lp for t, lp in out["logprobs"][0].items()})
+        for ref, out in zip(reference_logits["per_row"], _outputs(plugin_runs["bf16"]))
+    ]
+    summary = accuracy.summarize(comparisons)
+    print(f"bf16 engine vs float64 reference: {summary}")
+    assert summary["top1_match_rate"] == 1.0
+
+
+def test_quantization_config_in_checkpoint_selects_bitcpm(plugin_runs):
+    (layers,) = plugin_runs["flagged"]["layers"]
+    assert layers["dense_layers"] == 0 and layers["packed_layers"] > 0
+    assert _outputs(plugin_runs["flagged"]) == _outputs(plugin_runs["per_row"])
+
+
+def test_forced_bitcpm_packs_a_ternary_checkpoint(plugin_runs):
+    (layers,) = plugin_runs["forced_ternary"]["layers"]
+    assert layers["dense_layers"] == 0
+    assert _outputs(plugin_runs["forced_ternary"]) == _outputs(plugin_runs["per_row"])
+
+
+def test_forced_bitcpm_on_dense_checkpoint_names_the_first_layer(plugin_runs):
+    error = plugin_runs["forced_dense"].get("error", "")
+    assert "NotTernaryError" in error
+    assert "layer 'model.layers.0.self_attn.qkv_proj'" in error
+    assert "q_proj" in error
+
+
+def test_truncated_checkpoint_names_the_file_and_tensor(plugin_runs):
+    error = plugin_runs["truncated"].get("error", "")
+    assert "CorruptCheckpointError" in error
+    assert "model.safetensors" in error and "truncated" in error
