@@ -78,12 +78,12 @@ def _jobs(checkpoint_dir: Path, prompt_ids, names, **overrides) -> list[EngineJo
 
 @pytest.fixture(scope="session")
 def stock_runs(checkpoint_dir, prompt_ids) -> dict[str, dict]:
-    """Stock vLLM (plugin disabled), float32; the checkpoints' remote-code config is used."""
+    """Stock vLLM (plugin disabled), float32 (+ per_row in bf16); remote-code config."""
     names = list(CHECKPOINTS)
-    results = run_engine_jobs(
-        _jobs(checkpoint_dir, prompt_ids, names, trust_remote_code=True), plugin=False
-    )
-    return dict(zip(names, results))
+    jobs = _jobs(checkpoint_dir, prompt_ids, names, trust_remote_code=True)
+    jobs += _jobs(checkpoint_dir, prompt_ids, ["per_row"], trust_remote_code=True, dtype="bfloat16")
+    results = run_engine_jobs(jobs, plugin=False)
+    return dict(zip([*names, "bf16"], results))
 
 
 #: plugin-side jobs: (result key, checkpoint, EngineJob overrides)

