@@ -75,8 +75,8 @@ def test_wrong_operand_shapes_give_clear_errors():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match=r"scales have shape \(8, 1\), expected \(8, 2\)"):
         ops.ternary_linear(x, codes, scales[:, :1], 32)
-    with pytest.raises(ValueError, match="K=60"):
-        ops.ternary_linear(torch.randn(2, 60), codes, scales, 32)
+    with pytest.raises(ValueError, match="K=200"):
+        ops.ternary_linear(torch.randn(2, 200), codes, scales, 32)
 
 
 def test_fake_impl_traces_under_torch_compile():
@@ -86,3 +86,21 @@ def test_fake_impl_traces_under_torch_compile():
     torch.testing.assert_close(compiled(x), 2 * reference.ternary_linear_reference(x, codes, scales, 48))
     out = torch.ops.bitcpm.ternary_linear(torch.empty(3, 48, device="meta"), codes.to("meta"), scales.to("meta"), 48, None)
     assert out.shape == (3, 10) and out.device.type == "meta"
+
+
+def test_int8_activation_mode_matches_an_integer_oracle():
+    """W1.58A8: integer dot products of absmax-quantized activations, scaled back."""
+    codes, scales, trits = random_packed(24, 200, 64, torch.float32)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(3))
+    x[2] = 0  # an all-zero token gives zeros
+    y = ops.ternary_linear(x, codes, scales, 64, None, True)
+    x64 = x.to(torch.float64)
+    absmax = x64.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(absmax > 0, 127 / absmax, torch.ones_like(absmax))
+    q = torch.round(x64 * inv).clamp(-127, 127)
+    expected = float64_oracle(q, trits, scales, 64) / inv
+    torch.testing.assert_close(y.to(torch.float64), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[2], torch.zeros(24))
+    # and it is an approximation of the exact mode, within int8 rounding
+    exact = ops.ternary_linear(x, codes, scales, 64)
+    assert (y - exact).abs().max() < 0.05 * exact.abs().max()

@@ -37,7 +37,7 @@ def test_tensor_and_row_scales_round_trip(k, granularity):
     packed, (layout,) = ternary.quantize_exact(weight)
     assert layout.granularity.value == granularity
     assert torch.equal(packed.dequantize(), weight)
-    assert packed.codes.shape == (17, math.ceil(k / 4))
+    assert packed.codes.shape == (17, math.ceil(k / 128) * 32)
 
 
 @pytest.mark.parametrize("k,group_size", [(256, 32), (200, 64), (1000, 128), (4096, 128), (130, 64)])
@@ -124,11 +124,20 @@ def test_fused_partition_error_names_the_partition():
 
 
 def test_bit_layout_by_hand():
-    trits = torch.tensor([[-1, 0, 1, 1, 1]])
+    """Block of 128: byte j holds elements j, j+32, j+64, j+96 at bits 0/2/4/6, code t+1."""
+    trits = torch.zeros(1, 130, dtype=torch.int64)
+    trits[0, 0], trits[0, 32], trits[0, 64], trits[0, 96] = -1, 1, 1, 0
+    trits[0, 5] = 1
+    trits[0, 129] = -1  # second block, byte 1, bits 0
     codes = ternary.pack_codes(trits)
-    # element k -> byte k//4, bits 2*(k%4), code t+1; padding code 1.
-    assert codes.tolist() == [[0 | 1 << 2 | 2 << 4 | 2 << 6, 2 | 1 << 2 | 1 << 4 | 1 << 6]]
-    assert torch.equal(ternary.unpack_codes(codes, 5), trits.to(torch.int8))
+    assert codes.shape == (1, 64)
+    zero = 1 | 1 << 2 | 1 << 4 | 1 << 6  # all four fields hold code 1 (t = 0)
+    expected = [zero] * 64
+    expected[0] = 0 | 2 << 2 | 2 << 4 | 1 << 6
+    expected[5] = 2 | 1 << 2 | 1 << 4 | 1 << 6
+    expected[32 + 1] = 0 | 1 << 2 | 1 << 4 | 1 << 6
+    assert codes[0].tolist() == expected
+    assert torch.equal(ternary.unpack_codes(codes, 130), trits.to(torch.int8))
 
 
 def test_bits_per_weight_including_scales():

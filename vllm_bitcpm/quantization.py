@@ -33,6 +33,22 @@ logger = init_logger("vllm.bitcpm")
 QUANT_METHOD = "bitcpm"
 _MIB = 1024 * 1024
 
+#: How ternary layers treat activations: "exact" (float activations, results equal to the
+#: dense layer up to summation order) or "int8" (per-token absmax int8, bitnet.cpp's I2_S
+#: math: faster kernels, small accuracy cost). Read once per engine, in every worker.
+ACTIVATIONS_ENV = "VLLM_BITCPM_ACTIVATIONS"
+ACTIVATION_MODES = ("exact", "int8")
+DEFAULT_ACTIVATIONS = "exact"
+
+
+def activation_mode(configured: str | None = None) -> str:
+    """The activation mode: the environment wins over the checkpoint's config, then the default."""
+    mode = os.environ.get(ACTIVATIONS_ENV) or configured or DEFAULT_ACTIVATIONS
+    if mode not in ACTIVATION_MODES:
+        source = ACTIVATIONS_ENV if os.environ.get(ACTIVATIONS_ENV) else "quantization_config.activations"
+        raise ValueError(f"bitcpm: {source}={mode!r}; expected one of {', '.join(ACTIVATION_MODES)}")
+    return mode
+
 
 @dataclasses.dataclass
 class PackingReport:
@@ -70,13 +86,14 @@ class PackingReport:
 class BitCPMConfig(QuantizationConfig):
     """Ternary (1.58-bit) weights stored at 2 bits with per-tensor/row/group scales."""
 
-    def __init__(self, require_ternary: bool = True) -> None:
+    def __init__(self, require_ternary: bool = True, activations: str | None = None) -> None:
         super().__init__()
         self.require_ternary = require_ternary
+        self.activations = activation_mode(activations)
         self.report = PackingReport()
 
     def __repr__(self) -> str:
-        return f"BitCPMConfig(require_ternary={self.require_ternary})"
+        return f"BitCPMConfig(require_ternary={self.require_ternary}, activations={self.activations!r})"
 
     @classmethod
     def for_unflagged_checkpoint(cls) -> "BitCPMConfig":
@@ -101,7 +118,7 @@ class BitCPMConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "BitCPMConfig":
         if config.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
             raise ValueError(f"bitcpm: quantization_config has quant_method {config['quant_method']!r}")
-        return cls(require_ternary=True)
+        return cls(require_ternary=True, activations=config.get("activations"))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> "TernaryLinearMethod | None":
         if isinstance(layer, LinearBase):
@@ -203,5 +220,10 @@ class TernaryLinearMethod(LinearMethodBase):
         if not layer.bitcpm_packed:
             return self.dense.apply(layer, x, bias)
         return ops.ternary_linear(
-            x, layer.weight_codes, layer.weight_scales, layer.bitcpm_group_size, bias
+            x,
+            layer.weight_codes,
+            layer.weight_scales,
+            layer.bitcpm_group_size,
+            bias,
+            self.quant_config.activations == "int8",
         )

@@ -138,7 +138,9 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         max_tokens=job["max_tokens"], temperature=0.0, logprobs=job["logprobs"], ignore_eos=True
     )
     requests = [{"prompt_token_ids": ids} for ids in job["prompts"]]
+    started = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
+    generate_seconds = time.perf_counter() - started
     results = []
     for out in outputs:
         completion = out.outputs[0]
@@ -149,7 +151,12 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     layers = llm.apply_model(inspect_linear_layers)
     del llm
     gc.collect()
-    return {"outputs": results, "layers": layers, "load_seconds": load_seconds}
+    return {
+        "outputs": results,
+        "layers": layers,
+        "load_seconds": load_seconds,
+        "generate_seconds": generate_seconds,
+    }
 
 
 def _child_main() -> None:

@@ -8,15 +8,17 @@ Because ``t * s`` is exact in floating point for ``t`` in {-1, 0, 1}, ``(T, S)``
 exactly, so packing is lossless (``-0.0`` is stored as ``0``: equal as a number, which is all a
 matmul can observe).
 
-Packed layout, version 1 (the storage layout; kernels may repack once at load):
+Packed layout, version 1 (one layout for storage and kernels, so nothing is repacked):
 
-* ``codes``: uint8 ``(N, ceil(K / 4))``. Element ``k`` of a row sits in byte ``k // 4`` at bits
-  ``2 * (k % 4)``, as the code ``t + 1`` in {0, 1, 2}. Padding columns hold code 1 (zero).
+* ``codes``: uint8 ``(N, ceil(K / 128) * 32)``. Each row is cut into blocks of 128 weights
+  stored in 32 bytes; byte ``j`` of a block holds the block's elements ``j``, ``j + 32``,
+  ``j + 64`` and ``j + 96`` at bits 0, 2, 4 and 6, as the code ``t + 1`` in {0, 1, 2}.
+  One 32-byte load, shifted by 0/2/4/6 and masked with 3, gives 32 consecutive codes per
+  SIMD lane set (the bitnet.cpp I2_S arrangement). Padding past ``K`` holds code 1 (zero).
 * ``scales``: ``(N, G)``, ``G = ceil(K / group_size)``, in bf16/fp16 when that holds them
   exactly (it does for bf16 checkpoints, even when vLLM runs them in float32), else in the
-  weight's dtype; column ``k`` uses
-  ``scales[:, k // group_size]``. Per-tensor and per-row scales are stored with ``G = 1``
-  (``group_size = K``), so a kernel handles one layout.
+  weight's dtype; column ``k`` uses ``scales[:, k // group_size]``. Per-tensor and per-row
+  scales are stored with ``G = 1`` (``group_size = K``), so a kernel handles one layout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 
 PACK_LAYOUT_VERSION = 1
 WEIGHTS_PER_BYTE = 4
+BLOCK_WEIGHTS = 128  # weights per packed block
+BLOCK_BYTES = BLOCK_WEIGHTS // WEIGHTS_PER_BYTE
 
 #: Smallest group of input columns accepted as a scale group. Finer groups cost
 #: >= 2.5 bits per weight with bf16 scales, no better than keeping a layer dense
@@ -65,7 +69,7 @@ class NotTernaryError(ValueError):
 class TernaryMatrix:
     """One matrix (or several stacked matrices) packed at 2 bits per weight plus scales."""
 
-    codes: torch.Tensor  # uint8 (N, ceil(K/4)), layout version 1
+    codes: torch.Tensor  # uint8 (N, ceil(K/128) * 32), layout version 1
     scales: torch.Tensor  # (N, ceil(K/group_size)); 16-bit when exact, else the weight's dtype
     group_size: int
     in_features: int
@@ -186,22 +190,30 @@ def is_ternary(weight: torch.Tensor) -> bool:
 # Packing
 
 
+def packed_row_bytes(in_features: int) -> int:
+    """Bytes per packed row: whole 128-weight blocks of 32 bytes."""
+    return math.ceil(in_features / BLOCK_WEIGHTS) * BLOCK_BYTES
+
+
 def pack_codes(trits: torch.Tensor) -> torch.Tensor:
-    """int (N, K) with values in {-1, 0, 1} -> uint8 (N, ceil(K/4)), layout version 1."""
+    """int (N, K) with values in {-1, 0, 1} -> uint8 (N, ceil(K/128) * 32), layout version 1."""
     n, k = trits.shape
-    padded_k = math.ceil(k / WEIGHTS_PER_BYTE) * WEIGHTS_PER_BYTE
-    codes = torch.ones((n, padded_k), dtype=torch.uint8, device=trits.device)
+    blocks = math.ceil(k / BLOCK_WEIGHTS)
+    codes = torch.ones((n, blocks * BLOCK_WEIGHTS), dtype=torch.uint8, device=trits.device)
     codes[:, :k] = (trits + 1).to(torch.uint8)
-    codes = codes.view(n, padded_k // WEIGHTS_PER_BYTE, WEIGHTS_PER_BYTE)
-    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).contiguous()
+    # (N, blocks, 4 quarters, 32): quarter i of a block goes to bits 2*i of its 32 bytes.
+    quarters = codes.view(n, blocks, WEIGHTS_PER_BYTE, BLOCK_BYTES)
+    packed = quarters[:, :, 0] | (quarters[:, :, 1] << 2) | (quarters[:, :, 2] << 4) | (quarters[:, :, 3] << 6)
+    return packed.reshape(n, blocks * BLOCK_BYTES).contiguous()
 
 
 def unpack_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
-    """uint8 (N, ceil(K/4)) -> int8 (N, K) with values in {-1, 0, 1}."""
+    """uint8 (N, ceil(K/128) * 32) -> int8 (N, K) with values in {-1, 0, 1}."""
     n = codes.shape[0]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)
-    fields = (codes.unsqueeze(-1) >> shifts) & 3
-    return fields.view(n, -1)[:, :in_features].to(torch.int8) - 1
+    blocks = codes.view(n, -1, 1, BLOCK_BYTES)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device).view(1, 1, 4, 1)
+    fields = (blocks >> shifts) & 3  # (N, blocks, 4, 32): element order within the block
+    return fields.reshape(n, -1)[:, :in_features].to(torch.int8) - 1
 
 
 def dequantize(

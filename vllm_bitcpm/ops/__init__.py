@@ -18,10 +18,13 @@ Kernels, by dispatch key:
 
 Schema::
 
-    ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias) -> Tensor
+    ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None,
+                   bool int8_activations=False) -> Tensor
 
-``x`` is (..., K) in float32/float16/bfloat16; ``codes`` uint8 (N, ceil(K/4)) and ``scales``
-(N, ceil(K/group_size)) follow :mod:`vllm_bitcpm.ternary`'s packed layout version 1.
+``x`` is (..., K) in float32/float16/bfloat16; ``codes`` uint8 (N, ceil(K/128)*32) and
+``scales`` (N, ceil(K/group_size)) follow :mod:`vllm_bitcpm.ternary`'s packed layout version 1.
+``int8_activations`` selects W1.58A8 (per-token absmax int8 activations, bitnet.cpp's I2_S
+math, see :func:`reference.quantize_activations_int8`) instead of exact float activations.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from vllm_bitcpm.ops import reference
 
 OP_NAMESPACE = "bitcpm"
 OP_NAME = "ternary_linear"
-SCHEMA = "ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias) -> Tensor"
+SCHEMA = (
+    "ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None, "
+    "bool int8_activations=False) -> Tensor"
+)
 
 
 def _define() -> None:
@@ -56,6 +62,7 @@ def ternary_linear(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """Call the op through the dispatcher (picks the device's kernel)."""
-    return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias)
+    return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias, int8_activations)

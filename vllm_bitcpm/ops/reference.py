@@ -29,10 +29,10 @@ def check_operands(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, g
             f"ternary_linear: codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}"
         )
     n = codes.shape[0]
-    if codes.shape[1] != math.ceil(k / ternary.WEIGHTS_PER_BYTE):
+    if codes.shape[1] != ternary.packed_row_bytes(k):
         raise ValueError(
             f"ternary_linear: codes have {codes.shape[1]} bytes per row, but x has K={k} "
-            f"features, which needs ceil(K/4)={math.ceil(k / ternary.WEIGHTS_PER_BYTE)}"
+            f"features, which needs ceil(K/128)*32={ternary.packed_row_bytes(k)}"
         )
     if group_size <= 0:
         raise ValueError(f"ternary_linear: group_size must be positive, got {group_size}")
@@ -44,16 +44,42 @@ def check_operands(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, g
         )
 
 
+INT8_MAX = 127
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 (bitnet.cpp's I2_S activations): x ~= q / inv_scale.
+
+    Returns ``q`` (float32 holding integers in [-127, 127]) and ``inv_scale`` (..., 1) =
+    127 / max|x| per token (1 for an all-zero token; NaN when the token holds NaN/Inf, so
+    the token's outputs are NaN rather than silently finite).
+    """
+    xf = x.to(torch.float32)
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    inv_scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.ones_like(absmax))
+    inv_scale = torch.where(torch.isfinite(absmax), inv_scale, torch.full_like(absmax, float("nan")))
+    q = torch.round(xf * inv_scale).clamp(-INT8_MAX, INT8_MAX)
+    return q, inv_scale
+
+
 def ternary_linear_reference(
     x: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     check_operands(x, codes, scales, group_size)
-    weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+    if not int8_activations:
+        weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+    q, inv_scale = quantize_activations_int8(x)
+    weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=torch.float32)
+    y = (q @ weight.T) / inv_scale
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
 
 
 def ternary_linear_fallback(
@@ -62,6 +88,7 @@ def ternary_linear_fallback(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """The composite kernel: runs on devices that registered no kernel of their own."""
     device = x.device.type
@@ -72,7 +99,7 @@ def ternary_linear_fallback(
             "ternary layers use the PyTorch reference (unpack + dense matmul)",
             device,
         )
-    return ternary_linear_reference(x, codes, scales, group_size, bias)
+    return ternary_linear_reference(x, codes, scales, group_size, bias, int8_activations)
 
 
 def ternary_linear_fake(
@@ -81,6 +108,7 @@ def ternary_linear_fake(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """Shape-only implementation for tracing (torch.compile, meta tensors)."""
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
