@@ -58,7 +58,7 @@ def test_writes_a_huggingface_checkpoint_directory(tiny):
     names = {p.name for p in tiny.iterdir()}
     assert names == {
         "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-        "tokenizer.json", "tokenizer_config.json",
+        "tokenizer.json", "tokenizer_config.json", "configuration_minicpm.py",
     }
 
 
@@ -67,7 +67,9 @@ def test_config_is_minicpm_with_longrope(tiny):
     shape = SHAPES["tiny"]
     assert config["architectures"] == ["MiniCPMForCausalLM"]
     assert config["model_type"] == "minicpm"
-    assert "quantization_config" not in config and "auto_map" not in config
+    assert "quantization_config" not in config
+    # Like hub BitCPM4 checkpoints, the config class ships as remote code.
+    assert config["auto_map"] == {"AutoConfig": "configuration_minicpm.MiniCPMConfig"}
     assert config["hidden_size"] == shape.hidden_size
     assert config["num_key_value_heads"] == shape.num_key_value_heads
     assert (config["scale_emb"], config["scale_depth"], config["dim_model_base"]) == (12, 1.4, 256)
