@@ -18,10 +18,11 @@ weight loaders handle q/k/v, gate/up and tensor parallelism as usual); packing h
 from __future__ import annotations
 
 import dataclasses
-from vllm.logger import init_logger
+import os
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
