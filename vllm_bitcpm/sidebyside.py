@@ -87,6 +87,7 @@ def run_engine_jobs(
 
 def inspect_linear_layers(model) -> dict[str, Any]:
     """Count packed vs dense linear layers and their weight bytes (runs inside the worker)."""
+    import torch
     from vllm.model_executor.layers.linear import LinearBase
 
     packed, dense, packed_bytes, dense_bytes, packed_weights = 0, 0, 0, 0, 0
@@ -101,10 +102,11 @@ def inspect_linear_layers(model) -> dict[str, Any]:
             packed_bytes += nbytes
             packed_weights += module.weight_codes.shape[0] * module.input_size_per_partition
         else:
+            # vLLM's CPU GEMM dispatch moves dense weights into oneDNN handles, so count their
+            # logical size rather than the (emptied) parameter.
             dense += 1
-            weight = getattr(module, "weight", None)
-            if weight is not None:
-                dense_bytes += weight.numel() * weight.element_size()
+            itemsize = torch.empty((), dtype=module.params_dtype).element_size()
+            dense_bytes += module.output_size_per_partition * module.input_size_per_partition * itemsize
     return {
         "packed_layers": packed,
         "dense_layers": dense,
