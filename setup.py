@@ -6,7 +6,34 @@ under vllm-ascend), and requiring ``vllm`` would make pip pull the CUDA build ov
 Ascend install. Pick the engine with an extra (``[cpu]``, ``[cuda]``) or install it yourself.
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def _cpu_extension_kwargs() -> dict:
+    """The CPU kernel (kernels/cpu/), built when torch is importable at build time.
+
+    Build with ``pip install --no-build-isolation -e .`` so the installed (CPU) torch is used;
+    without torch the package installs without it and the op runs the PyTorch reference.
+    The file is compiled for the baseline ISA: AVX2/AVX512 code is selected at run time.
+    """
+    if os.environ.get("VLLM_BITCPM_NO_CPU_KERNEL"):
+        print("vllm-bitcpm: VLLM_BITCPM_NO_CPU_KERNEL set; not building the CPU kernel")
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no torch to build against"
+        print(f"vllm-bitcpm: torch is not importable ({exc}); not building the CPU kernel "
+              "(the PyTorch reference op still works)")
+        return {}
+    ext = CppExtension(
+        name="vllm_bitcpm._cpu_kernels",
+        sources=["kernels/cpu/ternary_linear.cpp"],
+        extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}}
+
 
 setup(
     name="vllm-bitcpm",
@@ -35,4 +62,5 @@ setup(
     entry_points={
         "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],
     },
+    **_cpu_extension_kwargs(),
 )

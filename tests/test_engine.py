@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vllm_bitcpm import accuracy
-from tests.conftest import MAX_TOKENS, TERNARY_GRANULARITIES
+from tests.conftest import FIGURES, MAX_TOKENS, TERNARY_GRANULARITIES
 
 #: A step whose top-2 logprobs (of the run being matched) are this close may flip either way.
 NEAR_TIE = 1e-3
@@ -41,7 +41,7 @@ def compare_greedy(expected_run: dict, actual_run: dict) -> tuple[int, int, list
 @pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed"])
 def test_plugin_greedy_tokens_equal_stock(name, stock_runs, plugin_runs, prompt_ids):
     identical, excused, failures = compare_greedy(stock_runs[name], plugin_runs[name])
-    print(f"{name}: {identical}/{len(prompt_ids)} identical x {MAX_TOKENS} tokens, "
+    FIGURES.append(f"{name}: {identical}/{len(prompt_ids)} identical x {MAX_TOKENS} tokens, "
           f"{excused} near-tie divergences excused")
     assert not failures, failures
     assert identical >= len(prompt_ids) - excused and identical >= 8
@@ -81,7 +81,7 @@ def test_plugin_next_token_matches_float64_reference(name, plugin_runs, referenc
         for ref, out in zip(reference_logits[name], _outputs(plugin_runs[name]))
     ]
     summary = accuracy.summarize(comparisons)
-    print(f"{name} vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, mean top-10 "
+    FIGURES.append(f"{name} vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, mean top-10 "
           f"overlap {summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
           f"{summary['mean_top1_prob_rel_error']:.4%}")
     assert accuracy.meets_accuracy_bar(summary), accuracy.bar_failures(summary)
@@ -95,7 +95,7 @@ def test_bf16_engine_greedy_tokens_equal_stock_bf16(stock_runs, plugin_runs, pro
     stock bf16, token for token.
     """
     identical, excused, failures = compare_greedy(stock_runs["bf16"], plugin_runs["bf16"])
-    print(f"bf16: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
+    FIGURES.append(f"bf16: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
     assert not failures, failures
 
 

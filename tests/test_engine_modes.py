@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
-from tests.conftest import LOGPROBS, MAX_TOKENS
+from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy
 
 
@@ -21,7 +21,7 @@ def test_tensor_parallel_2_gives_the_same_greedy_tokens(checkpoint_dir, prompt_i
         extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
     identical, excused, failures = compare_greedy(plugin_runs["per_row"], run)
-    print(f"TP=2 vs TP=1: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
+    FIGURES.append(f"TP=2 vs TP=1: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
     assert not failures, failures
     assert len(run["layers"]) == 2
     for rank in run["layers"]:
@@ -38,6 +38,6 @@ def test_torch_compile_mode_traces_the_op(checkpoint_dir, prompt_ids, plugin_run
     )
     assert "Warming up model for the compilation" in run["log"]
     identical, excused, failures = compare_greedy(plugin_runs["per_row"], run)
-    print(f"compiled vs eager: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
+    FIGURES.append(f"compiled vs eager: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
     assert not failures, failures
     assert len(_outputs(run)) == len(prompt_ids)

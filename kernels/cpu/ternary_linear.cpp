@@ -1,0 +1,863 @@
+// CPU kernel for bitcpm::ternary_linear (packed layout version 1, see vllm_bitcpm/ternary.py).
+//
+// Layout recap: each row of `codes` is a run of 128-weight blocks of 32 bytes; byte j of a block
+// holds elements j, j+32, j+64, j+96 at bits 0, 2, 4, 6 as the code t+1 in {0,1,2}.
+//
+// The whole file is compiled for the baseline ISA (no -mavx2); SIMD code lives in functions
+// marked __attribute__((target(...))) and is only called after a run-time CPU check, so the
+// same binary runs (scalar path) on CPUs without AVX2.
+//
+// Paths (see README of this folder / the report in the PR for instruction counts):
+//   exact mode, decode (M < kGemmMinM): per row, per 32-bit lane of a 32-byte code load,
+//     `vpsrld` by (8*byte + 2*shift) then `vpermps` from an 8-entry table {-s,0,s,0,-s,0,s,0}
+//     gives 8 scaled float weights (2 instructions per 8 weights), then one FMA per token.
+//     The weights come out in a permuted element order, so x is permuted once per call
+//     (position 32*s + 8*b + l of a block holds element 32*s + 4*l + b).
+//   exact mode, prefill (M >= kGemmMinM): a tile of rows is dequantized (same 2-instruction
+//     trick) into a thread-local float buffer, then at::mm does the GEMM on the tile.
+//   int8 mode: x is quantized once per call (per-token absmax, as the reference), with per-group
+//     sums of q; inner loop `vpmaddubsw(codes, q)` (codes = t+1 unsigned), widened with
+//     `vpmaddwd(., 1)` (AVX512-VNNI: one `vpdpbusd`), and sum(q) per group subtracted.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <Python.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace bitcpm_cpu {
+namespace {
+
+constexpr int64_t kBlockWeights = 128;
+constexpr int64_t kBlockBytes = 32;
+constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
+constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+}
+
+Isa best_isa() {
+  static const Isa isa = [] {
+    if (cpu_has_avx512()) return Isa::kAvx512;
+    if (cpu_has_avx2()) return Isa::kAvx2;
+    return Isa::kScalar;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// Everything a row kernel needs; pointers are to contiguous buffers.
+struct Ctx {
+  int64_t M, K, N, G, gs, nblk, Kp, row_bytes;
+  int gs_shift;           // log2(gs) when gs is a power of two, else -1
+  const uint8_t* codes;   // (N, row_bytes)
+  const void* scales;     // (N, G) in scale_dtype
+  at::ScalarType scale_dtype;
+  float* y;               // (M, N) float32
+  // exact mode
+  const float* x;         // (M, K) natural order (scalar path)
+  const float* xp;        // (M, Kp) permuted, zero padded (SIMD paths)
+  // int8 mode
+  const int8_t* q;        // (M, Kp) natural order, zero padded
+  const int32_t* qsum;    // (M, G)
+  const float* inv;       // (M)
+};
+
+inline int64_t group_of(const Ctx& c, int64_t k) {
+  if (c.G == 1) return 0;
+  const int64_t g = c.gs_shift >= 0 ? (k >> c.gs_shift) : k / c.gs;
+  return g < c.G ? g : c.G - 1;  // padding past K (codes 1, x 0) may sit beyond the last group
+}
+
+void load_row_scales(const Ctx& c, int64_t n, float* out) {
+  const int64_t G = c.G;
+  switch (c.scale_dtype) {
+    case at::kFloat: {
+      const float* s = static_cast<const float*>(c.scales) + n * G;
+      std::memcpy(out, s, G * sizeof(float));
+      break;
+    }
+    case at::kBFloat16: {
+      const c10::BFloat16* s = static_cast<const c10::BFloat16*>(c.scales) + n * G;
+      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
+      break;
+    }
+    case at::kHalf: {
+      const c10::Half* s = static_cast<const c10::Half*>(c.scales) + n * G;
+      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "ternary_linear: unsupported scale dtype");
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Scalar path (always compiled; the twin every SIMD path is tested against)
+
+inline int code_at(const uint8_t* row, int64_t k) {
+  const int64_t blk = k / kBlockWeights, e = k % kBlockWeights;
+  return (row[blk * kBlockBytes + (e & 31)] >> (2 * (e >> 5))) & 3;
+}
+
+void exact_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sbuf) {
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = c.x + m * c.K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const float s = sbuf[group_of(c, k)];
+        const float w = static_cast<float>(code_at(row, k) - 1) * s;  // t*s exactly, as dense W
+        acc += xr[k] * w;
+      }
+      c.y[m * c.N + n] = acc;
+    }
+  }
+}
+
+void dequant_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf) {
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    float* o = out + (n - n0) * ld;
+    for (int64_t k = 0; k < c.K; ++k) o[k] = static_cast<float>(code_at(row, k) - 1) * sbuf[group_of(c, k)];
+  }
+}
+
+void int8_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sbuf) {
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* qr = c.q + m * c.Kp;
+      float acc = 0.f;
+      int64_t k = 0;
+      for (int64_t g = 0; g < c.G; ++g) {
+        const int64_t kend = (c.G == 1) ? c.K : std::min(c.K, (g + 1) * c.gs);
+        int32_t d = 0;
+        for (; k < kend; ++k) d += static_cast<int32_t>(qr[k]) * (code_at(row, k) - 1);
+        acc += sbuf[g] * static_cast<float>(d);
+      }
+      c.y[m * c.N + n] = acc / c.inv[m];
+    }
+  }
+}
+
+// Per-token absmax int8 quantization, bit-compatible with reference.quantize_activations_int8:
+// inv = 127/max|x| (1 if all zero, NaN if any non-finite), q = clamp(round_half_even(x*inv)).
+// A NaN product (non-finite x, or 0*inf for a subnormal absmax) makes the token's outputs NaN.
+void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs, float* inv_out) {
+  float absmax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < c.K; ++k) {
+    const float a = std::fabs(xr[k]);
+    if (!std::isfinite(a)) finite = false;
+    absmax = std::max(absmax, a);
+  }
+  float inv = finite ? (absmax > 0.f ? 127.0f / absmax : 1.0f) : NAN;
+  std::memset(qr, 0, c.Kp);
+  for (int64_t g = 0; g < c.G; ++g) qs[g] = 0;
+  if (std::isnan(inv)) {
+    *inv_out = inv;
+    return;
+  }
+  for (int64_t k = 0; k < c.K; ++k) {
+    const float v = xr[k] * inv;
+    if (std::isnan(v)) {
+      std::memset(qr, 0, c.Kp);
+      for (int64_t g = 0; g < c.G; ++g) qs[g] = 0;
+      *inv_out = NAN;
+      return;
+    }
+    float r = std::nearbyint(v);
+    r = std::min(127.f, std::max(-127.f, r));
+    const int8_t qi = static_cast<int8_t>(r);
+    qr[k] = qi;
+    qs[group_of(c, k)] += qi;
+  }
+  *inv_out = inv;
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 + FMA path
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Permute x (M, K) into the SIMD order, zero padded to Kp: position 32*s + 8*b + l of a block
+// holds element 32*s + 4*l + b (the order in which lane l of a 32-bit code word yields codes).
+void permute_x(const Ctx& c, float* xp) {
+  at::parallel_for(0, c.M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = c.x + m * c.K;
+      float* o = xp + m * c.Kp;
+      for (int64_t blk = 0; blk < c.nblk; ++blk) {
+        const int64_t base = blk * kBlockWeights;
+        if (base + kBlockWeights <= c.K) {
+          for (int s = 0; s < 4; ++s)
+            for (int b = 0; b < 4; ++b)
+              for (int l = 0; l < 8; ++l) o[base + 32 * s + 8 * b + l] = xr[base + 32 * s + 4 * l + b];
+        } else {
+          for (int s = 0; s < 4; ++s)
+            for (int b = 0; b < 4; ++b)
+              for (int l = 0; l < 8; ++l) {
+                const int64_t k = base + 32 * s + 4 * l + b;
+                o[base + 32 * s + 8 * b + l] = k < c.K ? xr[k] : 0.f;
+              }
+        }
+      }
+    }
+  });
+}
+
+// Dequantize a 32-weight chunk (chunk s of the block whose code word is d) into 4 vectors of 8
+// scaled weights, in permuted order. lut = {-s, 0, s, 0, -s, 0, s, 0}: vpermps reads only the
+// low 3 bits of each lane, i.e. the code plus one bit of the next field, which the repeated
+// table ignores.
+#define BITCPM_W_AVX2(d, s, b, lut) \
+  _mm256_permutevar8x32_ps((lut), ((8 * (b) + 2 * (s)) == 0) ? (d) : _mm256_srli_epi32((d), 8 * (b) + 2 * (s)))
+
+template <int MB>
+__attribute__((target("avx2,fma"))) void exact_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
+                                                          float* sbuf) {
+  const __m256 base = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    const float* xb = c.xp + m0 * c.Kp;
+    __m256 acc[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t cur_g = -1;
+    __m256 lut = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < c.nblk; ++blk) {
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
+      const float* xk = xb + blk * kBlockWeights;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const int64_t g = group_of(c, blk * kBlockWeights + 32 * s);
+        if (g != cur_g) {
+          cur_g = g;
+          lut = _mm256_mul_ps(_mm256_set1_ps(sbuf[g]), base);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) {
+          const __m256 w = BITCPM_W_AVX2(d, s, b, lut);
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m)
+            acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + m * c.Kp + 32 * s + 8 * b), acc[m]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = hsum256(acc[m]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out,
+                                                          int64_t ld, float* sbuf) {
+  const __m256 base = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    float* o = out + (n - n0) * ld;
+    int64_t cur_g = -1;
+    __m256 lut = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < c.nblk; ++blk) {
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
+      float* ok = o + blk * kBlockWeights;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const int64_t g = group_of(c, blk * kBlockWeights + 32 * s);
+        if (g != cur_g) {
+          cur_g = g;
+          lut = _mm256_mul_ps(_mm256_set1_ps(sbuf[g]), base);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) _mm256_storeu_ps(ok + 32 * s + 8 * b, BITCPM_W_AVX2(d, s, b, lut));
+      }
+    }
+  }
+}
+
+// int8: codes of chunk s (32 consecutive elements) as unsigned bytes.
+#define BITCPM_C_AVX2(d, s, m3) _mm256_and_si256((s) == 0 ? (d) : _mm256_srli_epi16((d), 2 * (s)), (m3))
+
+template <int MB>
+__attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
+                                                         float* sbuf) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* qb = c.q + m0 * c.Kp;
+  // Groups made of whole blocks (G == 1, or group_size a multiple of 128): integer accumulation
+  // over the group; group_size 32/64: flush to float per chunk / pair of chunks.
+  const bool block_groups = (c.G == 1) || (c.gs % kBlockWeights == 0);
+  const int64_t bpg = (c.G == 1) ? c.nblk : std::max<int64_t>(1, c.gs / kBlockWeights);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    float out[MB];
+    if (block_groups) {
+      __m256 accf[MB];
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
+      int32_t dots[MB];
+      for (int64_t g0 = 0, g = 0; g0 < c.nblk; g0 += bpg, ++g) {
+        const int64_t g1 = std::min(c.nblk, g0 + bpg);
+        __m256i acc[MB];
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+        for (int64_t blk = g0; blk < g1; ++blk) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
+          const __m256i c0 = BITCPM_C_AVX2(d, 0, m3), c1 = BITCPM_C_AVX2(d, 1, m3);
+          const __m256i c2 = BITCPM_C_AVX2(d, 2, m3), c3 = BITCPM_C_AVX2(d, 3, m3);
+          const int8_t* qk = qb + blk * kBlockWeights;
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m) {
+            const __m256i* qm = reinterpret_cast<const __m256i*>(qk + m * c.Kp);
+            __m256i a = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qm));
+            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qm + 1)));
+            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qm + 2)));
+            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qm + 3)));
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(a, ones));  // |lane| <= 4*508
+          }
+        }
+        if (c.G == 1) {
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m) dots[m] = hsum256_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];
+        } else {
+          const __m256 sv = _mm256_set1_ps(sbuf[std::min(g, c.G - 1)]);
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m) accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), sv, accf[m]);
+        }
+      }
+      if (c.G == 1) {
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) out[m] = sbuf[0] * static_cast<float>(dots[m]);
+      } else {
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const int32_t* qs = c.qsum + (m0 + m) * c.G;
+          float corr = 0.f;
+          for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
+          out[m] = hsum256(accf[m]) - corr;
+        }
+      }
+    } else {
+      // group_size 32 or 64: one or two chunks per group.
+      const int cpg = static_cast<int>(c.gs / 32);
+      __m256 accf[MB];
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
+      for (int64_t blk = 0; blk < c.nblk; ++blk) {
+        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
+        const int8_t* qk = qb + blk * kBlockWeights;
+        for (int s = 0; s < 4; s += cpg) {
+          const __m256 sv = _mm256_set1_ps(sbuf[group_of(c, blk * kBlockWeights + 32 * s)]);
+          if (cpg == 1) {
+            const __m256i cc = BITCPM_C_AVX2(d, s, m3);
+#pragma GCC unroll 8
+            for (int m = 0; m < MB; ++m) {
+              const __m256i a = _mm256_maddubs_epi16(cc, _mm256_loadu_si256(
+                                                             reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s)));
+              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), sv, accf[m]);
+            }
+          } else {
+            const __m256i ca = BITCPM_C_AVX2(d, s, m3), cb = BITCPM_C_AVX2(d, s + 1, m3);
+#pragma GCC unroll 8
+            for (int m = 0; m < MB; ++m) {
+              const __m256i* qm = reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s);
+              __m256i a = _mm256_maddubs_epi16(ca, _mm256_loadu_si256(qm));
+              a = _mm256_add_epi16(a, _mm256_maddubs_epi16(cb, _mm256_loadu_si256(qm + 1)));
+              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), sv, accf[m]);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const int32_t* qs = c.qsum + (m0 + m) * c.G;
+        float corr = 0.f;
+        for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
+        out[m] = hsum256(accf[m]) - corr;
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = out[m] / c.inv[m0 + m];
+  }
+}
+
+// Quantize one token with AVX2 (same arithmetic as the scalar twin: float multiply, round half
+// to even, clamp). Falls back to the scalar routine for non-finite rows / a non-finite inverse.
+__attribute__((target("avx2,fma"))) void quantize_row_avx2(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs,
+                                                          float* inv_out) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= c.K; k += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  float absmax = 0.f;
+  {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, vmax);
+    for (float v : t) absmax = std::max(absmax, v);
+  }
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (; k < c.K; ++k) {
+    const float a = std::fabs(xr[k]);
+    if (!std::isfinite(a)) finite = false;
+    absmax = std::max(absmax, a);
+  }
+  const float inv = absmax > 0.f ? 127.0f / absmax : 1.0f;
+  if (!finite || !std::isfinite(inv)) {
+    quantize_row_scalar(c, xr, qr, qs, inv_out);
+    return;
+  }
+  *inv_out = inv;
+  for (int64_t g = 0; g < c.G; ++g) qs[g] = 0;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  k = 0;
+  // 32 elements at a time: one scale group never splits a 32-chunk (group_size >= 32, power of 2).
+  for (; k + 32 <= c.K; k += 32) {
+    __m256i v[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 r = _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * j), vinv);
+      r = _mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+      v[j] = _mm256_cvtps_epi32(r);
+    }
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    qs[group_of(c, k)] += hsum256_epi32(sum);
+    const __m256i p16a = _mm256_packs_epi32(v[0], v[1]);  // lanes: 0-3 8-11 | 4-7 12-15
+    const __m256i p16b = _mm256_packs_epi32(v[2], v[3]);
+    const __m256i p8 = _mm256_packs_epi16(p16a, p16b);  // dwords: 0 2 4 6 | 1 3 5 7 (of 4-elem runs)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(p8, fix));
+  }
+  for (; k < c.K; ++k) {
+    float r = std::nearbyint(xr[k] * inv);
+    r = std::min(127.f, std::max(-127.f, r));
+    qr[k] = static_cast<int8_t>(r);
+    qs[group_of(c, k)] += qr[k];
+  }
+  std::memset(qr + c.K, 0, c.Kp - c.K);
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX512 (F + BW + VL; VNNI when present) path. Same permuted x layout as AVX2: a 16-lane
+// vector covers AVX2 vectors (s, b) and (s, b+1), so one 32-byte code word is broadcast to
+// both halves and shifted per half with vpsrlvd.
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline float hsum512(__m512 v) {
+  return _mm512_reduce_add_ps(v);
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_avx512_t(const Ctx& c, int64_t n0,
+                                                                                       int64_t n1, int64_t m0,
+                                                                                       float* sbuf) {
+  const __m512 base = _mm512_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f,
+                                     0.f);
+  __m512i sh[4][2];
+  for (int s = 0; s < 4; ++s)
+    for (int h = 0; h < 2; ++h) {
+      const int lo_sh = 8 * (2 * h) + 2 * s, hi_sh = 8 * (2 * h + 1) + 2 * s;
+      sh[s][h] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo_sh)), _mm256_set1_epi32(hi_sh), 1);
+    }
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    const float* xb = c.xp + m0 * c.Kp;
+    __m512 acc[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t cur_g = -1;
+    __m512 lut = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < c.nblk; ++blk) {
+      const __m512i d = _mm512_broadcast_i64x4(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes)));
+      const float* xk = xb + blk * kBlockWeights;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const int64_t g = group_of(c, blk * kBlockWeights + 32 * s);
+        if (g != cur_g) {
+          cur_g = g;
+          lut = _mm512_mul_ps(_mm512_set1_ps(sbuf[g]), base);
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(d, sh[s][h]), lut);
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m)
+            acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + m * c.Kp + 32 * s + 16 * h), acc[m]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = hsum512(acc[m]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_avx512(const Ctx& c, int64_t n0,
+                                                                                      int64_t n1, float* out,
+                                                                                      int64_t ld, float* sbuf) {
+  // Dequantization is store-bound; the AVX2 routine is as fast and shares the layout.
+  dequant_rows_avx2(c, n0, n1, out, ld, sbuf);
+}
+
+// int8, AVX512: a 64-byte vector holds chunks (s, s+1) = 64 consecutive elements: the 32-byte
+// code word is broadcast to both halves and shifted by 2s / 2s+2 (vpsrlvw), masked with 3.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void int8_rows_avx512_t(
+    const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float* sbuf) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const __m512i sh01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(0)), _mm256_set1_epi16(2), 1);
+  const __m512i sh23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(4)), _mm256_set1_epi16(6), 1);
+  const int8_t* qb = c.q + m0 * c.Kp;
+  // Integer accumulation within a group of whole half-blocks (64 elements); group_size 32
+  // needs per-chunk flushes and is left to the AVX2 routine by the caller.
+  const int64_t hpg = (c.G == 1) ? 2 * c.nblk : c.gs / 64;  // half-blocks per group
+  const int64_t nhalf = 2 * c.nblk;
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    __m512 accf[MB];
+    int32_t dots[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+    for (int64_t h0 = 0, g = 0; h0 < nhalf; h0 += hpg, ++g) {
+      const int64_t h1 = std::min(nhalf, h0 + hpg);
+      __m512i acc[MB];
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
+      for (int64_t h = h0; h < h1; ++h) {
+        const __m512i d = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (h >> 1) * kBlockBytes)));
+        const __m512i cc = _mm512_and_si512(_mm512_srlv_epi16(d, (h & 1) ? sh23 : sh01), m3);
+        const int8_t* qk = qb + h * 64;
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const __m512i qv = _mm512_loadu_si512(qk + m * c.Kp);
+          acc[m] = _mm512_dpbusd_epi32(acc[m], cc, qv);  // 4 u8*s8 products per lane, exact
+        }
+      }
+      if (c.G == 1) {
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) dots[m] = _mm512_reduce_add_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];
+      } else {
+        const __m512 sv = _mm512_set1_ps(sbuf[std::min(g, c.G - 1)]);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), sv, accf[m]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      float o;
+      if (c.G == 1) {
+        o = sbuf[0] * static_cast<float>(dots[m]);
+      } else {
+        const int32_t* qs = c.qsum + (m0 + m) * c.G;
+        float corr = 0.f;
+        for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
+        o = _mm512_reduce_add_ps(accf[m]) - corr;
+      }
+      c.y[(m0 + m) * c.N + n] = o / c.inv[m0 + m];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Drivers
+
+using RowFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, float*);
+
+template <template <int> class F>
+RowFn pick_mb(int mb) {
+  switch (mb) {
+    case 1: return &F<1>::run;
+    case 2: return &F<2>::run;
+    case 3: return &F<3>::run;
+    case 4: return &F<4>::run;
+    case 5: return &F<5>::run;
+    case 6: return &F<6>::run;
+    case 7: return &F<7>::run;
+    default: return &F<8>::run;
+  }
+}
+template <int MB> struct ExactAvx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx2_t<MB>(c, a, b, m, s); } };
+template <int MB> struct ExactAvx512 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx512_t<MB>(c, a, b, m, s); } };
+template <int MB> struct Int8Avx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { int8_rows_avx2_t<MB>(c, a, b, m, s); } };
+template <int MB> struct Int8Avx512Vnni { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { int8_rows_avx512_t<MB>(c, a, b, m, s); } };
+
+// Token tile per ISA / mode (accumulator registers: 16 ymm on AVX2, 32 zmm on AVX512).
+int token_tile(Isa isa, bool int8) {
+  if (isa == Isa::kAvx512) return int8 ? 8 : 8;
+  return int8 ? 4 : 8;
+}
+
+// Rows [0, N) split across threads; inside a thread, tiles of kRowTile rows, and for each tile
+// every token tile, so one tile's codes are read from memory once and reused from cache.
+template <typename Fn>
+void run_rows(const Ctx& c, int mb, Fn&& tile_fn) {
+  const int64_t grain = std::max<int64_t>(kRowTile, (c.M >= 64 ? 1 : 4) * kRowTile);
+  at::parallel_for(0, c.N, std::min<int64_t>(grain, std::max<int64_t>(1, c.N)), [&](int64_t n0, int64_t n1) {
+    std::vector<float> sbuf(c.G);
+    for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+      const int64_t t1 = std::min(n1, t0 + kRowTile);
+      for (int64_t m0 = 0; m0 < c.M; m0 += mb) tile_fn(t0, t1, m0, std::min<int64_t>(mb, c.M - m0), sbuf.data());
+    }
+  });
+}
+
+at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
+                               int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations,
+                               Isa isa) {
+  // Same checks and messages as vllm_bitcpm.ops.reference.check_operands (raised as ValueError).
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, "ternary_linear: x must have at least one dimension (..., K)");
+  const int64_t K = x_in.size(-1);
+  TORCH_CHECK_VALUE(codes_in.scalar_type() == at::kByte && codes_in.dim() == 2,
+                    "ternary_linear: codes must be a 2-D uint8 tensor, got ", codes_in.scalar_type(), " ",
+                    codes_in.sizes());
+  const int64_t N = codes_in.size(0);
+  const int64_t nblk = (K + kBlockWeights - 1) / kBlockWeights;
+  TORCH_CHECK_VALUE(codes_in.size(1) == nblk * kBlockBytes, "ternary_linear: codes have ", codes_in.size(1),
+                    " bytes per row, but x has K=", K, " features, which needs ceil(K/128)*32=", nblk * kBlockBytes);
+  TORCH_CHECK_VALUE(group_size > 0, "ternary_linear: group_size must be positive, got ", group_size);
+  const int64_t G = (K + group_size - 1) / group_size;
+  if (!(scales_in.dim() == 2 && scales_in.size(0) == N && scales_in.size(1) == G)) {
+    std::string shape = "(";
+    for (int64_t i = 0; i < scales_in.dim(); ++i) shape += (i ? ", " : "") + std::to_string(scales_in.size(i));
+    shape += scales_in.dim() == 1 ? ",)" : ")";
+    TORCH_CHECK_VALUE(false, "ternary_linear: scales have shape ", shape, ", expected (", N, ", ", G, ") (N=", N,
+                      " rows, one scale per group of ", group_size, " of K=", K, " columns)");
+  }
+  const auto st = scales_in.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                    "ternary_linear: scales must be float32, bfloat16 or float16, got ", st);
+  const auto xt = x_in.scalar_type();
+  TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
+                    "ternary_linear: x must be float32, bfloat16 or float16, got ", xt);
+  // Groups that are not the whole row must be powers of two >= 32 (packed layout version 1).
+  const bool gs_ok = (G == 1) || (group_size >= 32 && (group_size & (group_size - 1)) == 0);
+  if (!gs_ok) {
+    // Not a layout this kernel is built for: defer to the reference math through the generic
+    // scalar loops (they handle any group size).
+    isa = Isa::kScalar;
+  }
+
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  int64_t Mrows = 1;
+  for (int64_t i = 0; i + 1 < x_in.dim(); ++i) Mrows *= x_in.size(i);
+
+  at::Tensor y32 = at::empty({Mrows, N}, x_in.options().dtype(at::kFloat));
+  if (Mrows > 0 && N > 0) {
+    if (K == 0) {
+      y32.zero_();
+    } else {
+      const at::Tensor x = x_in.reshape({Mrows, K}).to(at::kFloat).contiguous();
+      const at::Tensor codes = codes_in.contiguous();
+      const at::Tensor scales = scales_in.contiguous();
+      Ctx c{};
+      c.M = Mrows;
+      c.K = K;
+      c.N = N;
+      c.G = G;
+      c.gs = group_size;
+      c.gs_shift = -1;  // division for a group size that is not a power of two (scalar path only)
+      if ((group_size & (group_size - 1)) == 0) {
+        c.gs_shift = 0;
+        while ((int64_t(1) << c.gs_shift) < group_size) ++c.gs_shift;
+      }
+      c.nblk = nblk;
+      c.Kp = nblk * kBlockWeights;
+      c.row_bytes = nblk * kBlockBytes;
+      c.codes = codes.data_ptr<uint8_t>();
+      c.scales = scales.data_ptr();
+      c.scale_dtype = st;
+      c.y = y32.data_ptr<float>();
+      c.x = x.data_ptr<float>();
+
+      if (!int8_activations) {
+        at::Tensor xp;
+        if (isa != Isa::kScalar) {
+          xp = at::empty({Mrows, c.Kp}, x.options());
+          permute_x(c, xp.data_ptr<float>());
+          c.xp = xp.data_ptr<float>();
+        }
+        if (Mrows >= kGemmMinM) {
+          // Prefill: dequantize tiles of rows into float and let at::mm do the GEMM.
+          const int64_t ld = isa == Isa::kScalar ? K : c.Kp;
+          const at::Tensor xa = isa == Isa::kScalar ? x : xp;
+          int64_t tile = std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (ld * 4)) / kRowTile * kRowTile);
+          tile = std::min(tile, N);
+          at::Tensor wt = at::empty({tile, ld}, x.options());
+          for (int64_t t0 = 0; t0 < N; t0 += tile) {
+            const int64_t t1 = std::min(N, t0 + tile);
+            float* wp = wt.data_ptr<float>();
+            at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t b) {
+              std::vector<float> sbuf(G);
+              float* dst = wp + (a - t0) * ld;
+              if (isa == Isa::kScalar) dequant_rows_scalar(c, a, b, dst, ld, sbuf.data());
+              else if (isa == Isa::kAvx512) dequant_rows_avx512(c, a, b, dst, ld, sbuf.data());
+              else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());
+            });
+            const at::Tensor part = at::mm(xa, wt.narrow(0, 0, t1 - t0).t());
+            y32.narrow(1, t0, t1 - t0).copy_(part);
+          }
+        } else if (isa == Isa::kScalar) {
+          run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            exact_rows_scalar(c, a, b, m0, m0 + mb, s);
+          });
+        } else {
+          const int mbt = token_tile(isa, false);
+          run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            RowFn fn = isa == Isa::kAvx512 ? pick_mb<ExactAvx512>(mb) : pick_mb<ExactAvx2>(mb);
+            fn(c, a, b, m0, s);
+          });
+        }
+      } else {
+        at::Tensor q = at::empty({Mrows, c.Kp}, x.options().dtype(at::kChar));
+        at::Tensor qsum = at::empty({Mrows, G}, x.options().dtype(at::kInt));
+        at::Tensor inv = at::empty({Mrows}, x.options());
+        c.q = q.data_ptr<int8_t>();
+        c.qsum = qsum.data_ptr<int32_t>();
+        c.inv = inv.data_ptr<float>();
+        at::parallel_for(0, Mrows, 16, [&](int64_t a, int64_t b) {
+          for (int64_t m = a; m < b; ++m) {
+            int8_t* qr = q.data_ptr<int8_t>() + m * c.Kp;
+            int32_t* qs = qsum.data_ptr<int32_t>() + m * G;
+            float* iv = inv.data_ptr<float>() + m;
+            if (isa == Isa::kScalar) quantize_row_scalar(c, c.x + m * K, qr, qs, iv);
+            else quantize_row_avx2(c, c.x + m * K, qr, qs, iv);
+          }
+        });
+        if (isa == Isa::kScalar) {
+          run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            int8_rows_scalar(c, a, b, m0, m0 + mb, s);
+          });
+        } else {
+          // AVX512 int8 needs VNNI (vpdpbusd) and whole 64-element halves per group; otherwise
+          // the AVX2 routine runs (it handles group_size 32).
+          const bool use512 = isa == Isa::kAvx512 && cpu_has_vnni() && (G == 1 || group_size >= 64);
+          const Isa eff = use512 ? Isa::kAvx512 : Isa::kAvx2;
+          const int mbt = token_tile(eff, true);
+          run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            RowFn fn = use512 ? pick_mb<Int8Avx512Vnni>(mb) : pick_mb<Int8Avx2>(mb);
+            fn(c, a, b, m0, s);
+          });
+        }
+      }
+    }
+  }
+  if (bias.has_value() && bias->defined()) y32.add_(bias->to(at::kFloat));
+  at::Tensor y = xt == at::kFloat ? y32 : y32.to(xt);
+  return y.reshape(out_shape);
+}
+
+Isa parse_isa(const std::string& name) {
+  Isa isa;
+  if (name == "auto") return best_isa();
+  if (name == "scalar") isa = Isa::kScalar;
+  else if (name == "avx2") isa = Isa::kAvx2;
+  else if (name == "avx512") isa = Isa::kAvx512;
+  else TORCH_CHECK_VALUE(false, "bitcpm_cpu: unknown isa '", name, "' (auto, scalar, avx2, avx512)");
+  TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), "bitcpm_cpu: isa '", name,
+                    "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
+  return isa;
+}
+
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations) {
+  return ternary_linear_impl(x, codes, scales, group_size, bias, int8_activations, best_isa());
+}
+
+at::Tensor ternary_linear_isa(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                              int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations,
+                              c10::string_view isa) {
+  return ternary_linear_impl(x, codes, scales, group_size, bias, int8_activations, parse_isa(std::string(isa)));
+}
+
+std::vector<std::string> isa_available() {
+  std::vector<std::string> out{"scalar"};
+  if (static_cast<int>(best_isa()) >= static_cast<int>(Isa::kAvx2)) out.push_back("avx2");
+  if (best_isa() == Isa::kAvx512) out.push_back("avx512");
+  return out;
+}
+
+std::string current_isa() {
+  std::string s = isa_name(best_isa());
+  if (best_isa() == Isa::kAvx512 && cpu_has_vnni()) s += "+vnni";
+  return s;
+}
+
+}  // namespace
+}  // namespace bitcpm_cpu
+
+// The schema of bitcpm::ternary_linear is defined from Python (vllm_bitcpm/ops/__init__.py)
+// before this module is imported; registering an impl for an op whose def comes later is also
+// accepted by the dispatcher, so the order is not load-bearing.
+TORCH_LIBRARY_IMPL(bitcpm, CPU, m) { m.impl("ternary_linear", &bitcpm_cpu::ternary_linear_cpu); }
+
+TORCH_LIBRARY(bitcpm_cpu, m) {
+  m.def("isa_available() -> str[]", &bitcpm_cpu::isa_available);
+  m.def("current_isa() -> str", &bitcpm_cpu::current_isa);
+  m.def(
+      "ternary_linear_isa(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None, "
+      "bool int8_activations=False, str isa='auto') -> Tensor");
+  m.impl("ternary_linear_isa", c10::DispatchKey::CPU, &bitcpm_cpu::ternary_linear_isa);
+}
+
+// A plain Python module: importing it loads the library, which runs the registrations above.
+static struct PyModuleDef bitcpm_cpu_module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
+                                               "bitcpm CPU kernels (registered with torch.library)", -1, nullptr};
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&bitcpm_cpu_module); }
