@@ -49,6 +49,41 @@ def default_llm_kwargs() -> dict[str, Any]:
     }
 
 
+def child_env(plugin: bool, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of an engine child: plugin on or off, engine in-process unless told otherwise."""
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = PLUGIN_NAME if plugin else ""
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.update(extra_env or {})
+    return env
+
+
+def run_child(
+    argv: list[str], payload: Any, plugin: bool, timeout: float = 900,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Any, str]:
+    """Run ``argv`` (a Python child that ends with :func:`emit_result`) with ``payload`` as
+    JSON on stdin; return its result and its whole log (vLLM logs to stdout)."""
+    proc = subprocess.run(
+        argv, input=json.dumps(payload), capture_output=True, text=True,
+        env=child_env(plugin, extra_env), timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_MARKER):
+            return json.loads(line[len(_RESULT_MARKER):]), log
+    raise RuntimeError(f"engine child exited with {proc.returncode} and no result\n--- log ---\n{log[-8000:]}")
+
+
+def read_payload() -> Any:
+    return json.loads(sys.stdin.read())
+
+
+def emit_result(result: Any) -> None:
+    sys.stdout.write("\n" + _RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
 def run_engine_jobs(
     jobs: list[EngineJob], plugin: bool, timeout: float = 900, extra_env: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
@@ -57,28 +92,13 @@ def run_engine_jobs(
     A job that fails reports ``{"error": "<Type>: <message>"}`` instead of outputs, so callers
     can assert on the message users would see.
     """
-    env = dict(os.environ)
-    env["VLLM_PLUGINS"] = PLUGIN_NAME if plugin else ""
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.update(extra_env or {})
-    payload = json.dumps([dataclasses.asdict(job) for job in jobs])
-    proc = subprocess.run(
+    results, log = run_child(
         [sys.executable, "-m", "vllm_bitcpm.sidebyside"],
-        input=payload,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
+        [dataclasses.asdict(job) for job in jobs], plugin, timeout, extra_env,
     )
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT_MARKER):
-            results = json.loads(line[len(_RESULT_MARKER):])
-            for result in results:
-                result["log"] = proc.stdout + proc.stderr
-            return results
-    raise RuntimeError(
-        f"engine child exited with {proc.returncode} and no result\n--- stderr ---\n{proc.stderr[-8000:]}"
-    )
+    for result in results:
+        result["log"] = log
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,12 +181,5 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child_main() -> None:
-    jobs = json.loads(sys.stdin.read())
-    results = [_run_job(job) for job in jobs]
-    sys.stdout.write("\n" + _RESULT_MARKER + json.dumps(results) + "\n")
-    sys.stdout.flush()
-
-
 if __name__ == "__main__":
-    _child_main()
+    emit_result([_run_job(job) for job in read_payload()])
