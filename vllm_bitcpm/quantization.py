@@ -26,8 +26,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vllm_bitcpm import ops, ternary
+from vllm_bitcpm import lm_head, ops, ternary
 
 logger = init_logger("vllm.bitcpm")
 
@@ -91,10 +92,14 @@ class BitCPMConfig(QuantizationConfig):
         super().__init__()
         self.require_ternary = require_ternary
         self.activations = activation_mode(activations)
+        self.lm_head = lm_head.lm_head_mode()
         self.report = PackingReport()
 
     def __repr__(self) -> str:
-        return f"BitCPMConfig(require_ternary={self.require_ternary}, activations={self.activations!r})"
+        return (
+            f"BitCPMConfig(require_ternary={self.require_ternary}, "
+            f"activations={self.activations!r}, lm_head={self.lm_head!r})"
+        )
 
     @classmethod
     def for_unflagged_checkpoint(cls) -> "BitCPMConfig":
@@ -121,10 +126,12 @@ class BitCPMConfig(QuantizationConfig):
             raise ValueError(f"bitcpm: quantization_config has quant_method {config['quant_method']!r}")
         return cls(require_ternary=True, activations=config.get("activations"))
 
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> "TernaryLinearMethod | None":
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, LinearBase):
             return TernaryLinearMethod(self, prefix)
-        return None  # embeddings / lm_head / attention stay as vLLM builds them
+        if isinstance(layer, ParallelLMHead) and self.lm_head == "int8":
+            return lm_head.Int8LMHeadMethod()
+        return None  # embeddings / attention (and the head by default) stay as vLLM builds them
 
     def logical_names(self, prefix: str, num_partitions: int) -> list[str]:
         """Checkpoint names of the matrices fused into the layer at ``prefix`` (q/k/v, gate/up)."""

@@ -41,6 +41,7 @@ namespace {
 constexpr int64_t kBlockWeights = 128;
 constexpr int64_t kBlockBytes = 32;
 constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
+constexpr float kInvNumerator = 127.0f;
 constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -90,6 +91,7 @@ struct Ctx {
   // int8 mode
   const int8_t* q;        // (M, Kp) natural order, zero padded
   const int32_t* qsum;    // (M, G)
+  const int32_t* qlane;   // (M, G, 16): per-lane sums of q, the lane layout of the SIMD dots
   const float* inv;       // (M)
 };
 
@@ -176,7 +178,9 @@ void int8_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t 
 }
 
 // Per-token absmax int8 quantization, bit-compatible with reference.quantize_activations_int8:
-// inv = 127/max|x| (1 if all zero, NaN if any non-finite), q = clamp(round_half_even(x*inv)).
+// inv = 127/max|x| (1 if all zero, NaN if any non-finite). PyTorch evaluates the reference's
+// `127 / absmax` (int / tensor -> Tensor.__rtruediv__) as `absmax.reciprocal() * 127`, two
+// float32 roundings, and a 1-ulp different inv flips roundings of q; so the same is done here, q = clamp(round_half_even(x*inv)).
 // A NaN product (non-finite x, or 0*inf for a subnormal absmax) makes the token's outputs NaN.
 void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs, float* inv_out) {
   float absmax = 0.f;
@@ -186,7 +190,7 @@ void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs,
     if (!std::isfinite(a)) finite = false;
     absmax = std::max(absmax, a);
   }
-  float inv = finite ? (absmax > 0.f ? 127.0f / absmax : 1.0f) : NAN;
+  float inv = finite ? (absmax > 0.f ? kInvNumerator * (1.0f / absmax) : 1.0f) : NAN;
   std::memset(qr, 0, c.Kp);
   for (int64_t g = 0; g < c.G; ++g) qs[g] = 0;
   if (std::isnan(inv)) {
@@ -323,6 +327,11 @@ __attribute__((target("avx2,fma"))) void dequant_rows_avx2(const Ctx& c, int64_t
   }
 }
 
+__attribute__((target("avx2,fma"))) inline __m256i qlane8(const int32_t* ql) {
+  return _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 8)));
+}
+
 // int8: codes of chunk s (32 consecutive elements) as unsigned bytes.
 #define BITCPM_C_AVX2(d, s, m3) _mm256_and_si256((s) == 0 ? (d) : _mm256_srli_epi16((d), 2 * (s)), (m3))
 
@@ -369,9 +378,13 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m) dots[m] = hsum256_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];
         } else {
-          const __m256 sv = _mm256_set1_ps(sbuf[std::min(g, c.G - 1)]);
+          const int64_t gg = std::min(g, c.G - 1);
+          const __m256 sv = _mm256_set1_ps(sbuf[gg]);
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), sv, accf[m]);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i exact = _mm256_sub_epi32(acc[m], qlane8(c.qlane + ((m0 + m) * c.G + gg) * 16));
+            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
+          }
         }
       }
       if (c.G == 1) {
@@ -379,12 +392,7 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
         for (int m = 0; m < MB; ++m) out[m] = sbuf[0] * static_cast<float>(dots[m]);
       } else {
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) {
-          const int32_t* qs = c.qsum + (m0 + m) * c.G;
-          float corr = 0.f;
-          for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
-          out[m] = hsum256(accf[m]) - corr;
-        }
+        for (int m = 0; m < MB; ++m) out[m] = hsum256(accf[m]);
       }
     } else {
       // group_size 32 or 64: one or two chunks per group.
@@ -396,14 +404,20 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
         const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
         const int8_t* qk = qb + blk * kBlockWeights;
         for (int s = 0; s < 4; s += cpg) {
-          const __m256 sv = _mm256_set1_ps(sbuf[group_of(c, blk * kBlockWeights + 32 * s)]);
+          // Chunks wholly past K hold codes 1 and q 0: skip them (their group index would be
+          // clamped onto the last group, whose lane sums must be subtracted only once).
+          if (blk * kBlockWeights + 32 * s >= c.K) break;
+          const int64_t gg = group_of(c, blk * kBlockWeights + 32 * s);
+          const __m256 sv = _mm256_set1_ps(sbuf[gg]);
+          const int32_t* qlg = c.qlane + (m0 * c.G + gg) * 16;
           if (cpg == 1) {
             const __m256i cc = BITCPM_C_AVX2(d, s, m3);
 #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
               const __m256i a = _mm256_maddubs_epi16(cc, _mm256_loadu_si256(
                                                              reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s)));
-              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), sv, accf[m]);
+              const __m256i exact = _mm256_sub_epi32(_mm256_madd_epi16(a, ones), qlane8(qlg + m * c.G * 16));
+              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
             }
           } else {
             const __m256i ca = BITCPM_C_AVX2(d, s, m3), cb = BITCPM_C_AVX2(d, s + 1, m3);
@@ -412,18 +426,14 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
               const __m256i* qm = reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s);
               __m256i a = _mm256_maddubs_epi16(ca, _mm256_loadu_si256(qm));
               a = _mm256_add_epi16(a, _mm256_maddubs_epi16(cb, _mm256_loadu_si256(qm + 1)));
-              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), sv, accf[m]);
+              const __m256i exact = _mm256_sub_epi32(_mm256_madd_epi16(a, ones), qlane8(qlg + m * c.G * 16));
+              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
             }
           }
         }
       }
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) {
-        const int32_t* qs = c.qsum + (m0 + m) * c.G;
-        float corr = 0.f;
-        for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
-        out[m] = hsum256(accf[m]) - corr;
-      }
+      for (int m = 0; m < MB; ++m) out[m] = hsum256(accf[m]);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = out[m] / c.inv[m0 + m];
@@ -456,7 +466,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const Ctx& c, const f
     if (!std::isfinite(a)) finite = false;
     absmax = std::max(absmax, a);
   }
-  const float inv = absmax > 0.f ? 127.0f / absmax : 1.0f;
+  const float inv = absmax > 0.f ? kInvNumerator * (1.0f / absmax) : 1.0f;
   if (!finite || !std::isfinite(inv)) {
     quantize_row_scalar(c, xr, qr, qs, inv_out);
     return;
@@ -490,6 +500,24 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const Ctx& c, const f
     qs[group_of(c, k)] += qr[k];
   }
   std::memset(qr + c.K, 0, c.Kp - c.K);
+}
+
+// Per-lane sums of q per group, laid out like the int32 lanes of the SIMD dot products:
+// lane 8*(chunk & 1) + j holds the sum of q[32*chunk + 4j .. 32*chunk + 4j + 3] over the
+// group's 32-element chunks (AVX512 uses all 16 lanes, AVX2 adds the two halves). Subtracting
+// them lane by lane before any float conversion turns sum(q*c) into the exact sum(q*t) per lane,
+// so the offset of the unsigned codes never cancels in floating point.
+__attribute__((target("avx2,fma"))) void lane_qsums_avx2(const Ctx& c, const int8_t* qr, int32_t* ql) {
+  std::memset(ql, 0, c.G * 16 * sizeof(int32_t));
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t ch = 0; ch < c.Kp / 32; ++ch) {
+    const __m256i v = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32 * ch))), ones16);
+    int32_t* dst = ql + group_of(c, 32 * ch) * 16 + 8 * (ch & 1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)), v));
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -566,7 +594,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void in
   // Integer accumulation within a group of whole half-blocks (64 elements); group_size 32
   // needs per-chunk flushes and is left to the AVX2 routine by the caller.
   const int64_t hpg = (c.G == 1) ? 2 * c.nblk : c.gs / 64;  // half-blocks per group
-  const int64_t nhalf = 2 * c.nblk;
+  const int64_t nhalf = (c.K + 63) / 64;  // halves wholly past K (q 0, codes 1) are skipped
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
@@ -594,9 +622,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void in
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) dots[m] = _mm512_reduce_add_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];
       } else {
-        const __m512 sv = _mm512_set1_ps(sbuf[std::min(g, c.G - 1)]);
+        const int64_t gg = std::min(g, c.G - 1);
+        const __m512 sv = _mm512_set1_ps(sbuf[gg]);
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), sv, accf[m]);
+        for (int m = 0; m < MB; ++m) {
+          const __m512i exact = _mm512_sub_epi32(acc[m], _mm512_loadu_si512(c.qlane + ((m0 + m) * c.G + gg) * 16));
+          accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), sv, accf[m]);
+        }
       }
     }
 #pragma GCC unroll 8
@@ -605,10 +637,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void in
       if (c.G == 1) {
         o = sbuf[0] * static_cast<float>(dots[m]);
       } else {
-        const int32_t* qs = c.qsum + (m0 + m) * c.G;
-        float corr = 0.f;
-        for (int64_t g = 0; g < c.G; ++g) corr += sbuf[g] * static_cast<float>(qs[g]);
-        o = _mm512_reduce_add_ps(accf[m]) - corr;
+        o = _mm512_reduce_add_ps(accf[m]);
       }
       c.y[(m0 + m) * c.N + n] = o / c.inv[m0 + m];
     }
@@ -772,6 +801,11 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         c.q = q.data_ptr<int8_t>();
         c.qsum = qsum.data_ptr<int32_t>();
         c.inv = inv.data_ptr<float>();
+        at::Tensor qlane;
+        if (isa != Isa::kScalar && G > 1) {
+          qlane = at::empty({Mrows, G, 16}, x.options().dtype(at::kInt));
+          c.qlane = qlane.data_ptr<int32_t>();
+        }
         at::parallel_for(0, Mrows, 16, [&](int64_t a, int64_t b) {
           for (int64_t m = a; m < b; ++m) {
             int8_t* qr = q.data_ptr<int8_t>() + m * c.Kp;
@@ -779,6 +813,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
             float* iv = inv.data_ptr<float>() + m;
             if (isa == Isa::kScalar) quantize_row_scalar(c, c.x + m * K, qr, qs, iv);
             else quantize_row_avx2(c, c.x + m * K, qr, qs, iv);
+            if (c.qlane) lane_qsums_avx2(c, qr, const_cast<int32_t*>(c.qlane) + m * G * 16);
           }
         });
         if (isa == Isa::kScalar) {

@@ -1,0 +1,72 @@
+"""Opt-in speed options, measured against the float64 reference (figures go to the summary).
+
+Both trade accuracy for bytes/compute. The synthetic checkpoints are built to amplify every
+numeric error (sharp attention, branches as large as the muP embedding), so they are a harsh
+place to measure the cost: there, even a bf16 engine misses the 1% top-1 probability bar.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_bitcpm import accuracy
+from vllm_bitcpm.lm_head import quantize_rows_int8
+from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from tests.conftest import FIGURES, LOGPROBS
+from tests.test_engine import _outputs
+
+
+def _summary_vs_reference(run, reference):
+    comparisons = [
+        accuracy.compare_next_token(ref, {int(t): lp for t, lp in out["logprobs"][0].items()})
+        for ref, out in zip(reference, _outputs(run))
+    ]
+    return accuracy.summarize(comparisons)
+
+
+def _run_with(checkpoint_dir, prompt_ids, env):
+    job = EngineJob(model=str(checkpoint_dir / "per_row"), prompts=prompt_ids, max_tokens=1, logprobs=LOGPROBS)
+    (run,) = run_engine_jobs([job], plugin=True, extra_env=env)
+    return run
+
+
+@pytest.fixture(scope="module")
+def int8_head_run(checkpoint_dir, prompt_ids):
+    return _run_with(checkpoint_dir, prompt_ids, {"VLLM_BITCPM_LM_HEAD": "int8"})
+
+
+@pytest.fixture(scope="module")
+def int8_activations_run(checkpoint_dir, prompt_ids):
+    return _run_with(checkpoint_dir, prompt_ids, {"VLLM_BITCPM_ACTIVATIONS": "int8"})
+
+
+def test_int8_lm_head_keeps_top10(int8_head_run, reference_logits):
+    summary = _summary_vs_reference(int8_head_run, reference_logits["per_row"])
+    FIGURES.append(f"int8 lm_head vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, mean top-10 "
+                   f"overlap {summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
+                   f"{summary['mean_top1_prob_rel_error']:.2%}")
+    assert summary["top1_match_rate"] == 1.0
+    assert summary["mean_top10_overlap"] >= 9.5
+
+
+def test_int8_activations_keep_the_reference_top1_in_the_top5(int8_activations_run, reference_logits):
+    summary = _summary_vs_reference(int8_activations_run, reference_logits["per_row"])
+    FIGURES.append(f"int8 activations vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, top-5 "
+                   f"inclusion {summary['top5_inclusion_rate']:.0%}, mean top-10 overlap "
+                   f"{summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
+                   f"{summary['mean_top1_prob_rel_error']:.2%}")
+    assert summary["top5_inclusion_rate"] == 1.0
+    assert summary["mean_top10_overlap"] >= 9.0
+
+
+def test_bad_option_value_is_named(checkpoint_dir, prompt_ids):
+    run = _run_with(checkpoint_dir, prompt_ids[:1], {"VLLM_BITCPM_ACTIVATIONS": "int4"})
+    assert "VLLM_BITCPM_ACTIVATIONS='int4'" in run.get("error", ""), run.get("error")
+
+
+def test_quantize_rows_int8_against_by_hand_values():
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 1.0]])
+    q, scale = quantize_rows_int8(w)
+    torch.testing.assert_close(scale, torch.tensor([1 / 127, 0.0, 2.0]))
+    assert q.tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 0]]  # round-half-even: 63.5 -> 64
