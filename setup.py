@@ -30,7 +30,10 @@ def _cpu_extension_kwargs() -> dict:
     ext = CppExtension(
         name="vllm_bitcpm._cpu_kernels",
         sources=["kernels/cpu/ternary_linear.cpp"],
-        extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+        # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
+        # the kernel runs on one thread whatever torch.set_num_threads says.
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
+        extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}}
 

@@ -264,17 +264,22 @@ void permute_x(const Ctx& c, float* xp) {
 #define BITCPM_W_AVX2(d, s, b, lut) \
   _mm256_permutevar8x32_ps((lut), ((8 * (b) + 2 * (s)) == 0) ? (d) : _mm256_srli_epi32((d), 8 * (b) + 2 * (s)))
 
+// A = independent accumulator chains per token (FMA latency 4 vs 1 FMA per 8 weights: with a
+// single chain a 1-token row is latency bound), chunk s feeds chain s % A.
 template <int MB>
 __attribute__((target("avx2,fma"))) void exact_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
                                                           float* sbuf) {
+  constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
   const __m256 base = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
     const float* xb = c.xp + m0 * c.Kp;
-    __m256 acc[MB];
+    __m256 acc[MB][A];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
     int64_t cur_g = -1;
     __m256 lut = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < c.nblk; ++blk) {
@@ -292,12 +297,17 @@ __attribute__((target("avx2,fma"))) void exact_rows_avx2_t(const Ctx& c, int64_t
           const __m256 w = BITCPM_W_AVX2(d, s, b, lut);
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m)
-            acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + m * c.Kp + 32 * s + 8 * b), acc[m]);
+            acc[m][s % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + m * c.Kp + 32 * s + 8 * b), acc[m][s % A]);
         }
       }
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = hsum256(acc[m]);
+    for (int m = 0; m < MB; ++m) {
+      __m256 t = acc[m][0];
+#pragma GCC unroll 4
+      for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
+      c.y[(m0 + m) * c.N + n] = hsum256(t);
+    }
   }
 }
 
@@ -541,13 +551,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
       const int lo_sh = 8 * (2 * h) + 2 * s, hi_sh = 8 * (2 * h + 1) + 2 * s;
       sh[s][h] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo_sh)), _mm256_set1_epi32(hi_sh), 1);
     }
+  constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);  // accumulator chains per token
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
     const float* xb = c.xp + m0 * c.Kp;
-    __m512 acc[MB];
+    __m512 acc[MB][A];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
     int64_t cur_g = -1;
     __m512 lut = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < c.nblk; ++blk) {
@@ -566,12 +579,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
           const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(d, sh[s][h]), lut);
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m)
-            acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + m * c.Kp + 32 * s + 16 * h), acc[m]);
+            acc[m][s % A] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + m * c.Kp + 32 * s + 16 * h), acc[m][s % A]);
         }
       }
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = hsum512(acc[m]);
+    for (int m = 0; m < MB; ++m) {
+      __m512 t = acc[m][0];
+#pragma GCC unroll 4
+      for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
+      c.y[(m0 + m) * c.N + n] = hsum512(t);
+    }
   }
 }
 
@@ -604,20 +622,38 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void in
     for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
     for (int64_t h0 = 0, g = 0; h0 < nhalf; h0 += hpg, ++g) {
       const int64_t h1 = std::min(nhalf, h0 + hpg);
-      __m512i acc[MB];
+      // Two accumulator chains per token (even / odd half): vpdpbusd's latency would otherwise
+      // bound a 1-token row.
+      __m512i acc[MB], acc2[MB];
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
-      for (int64_t h = h0; h < h1; ++h) {
+      for (int m = 0; m < MB; ++m) acc[m] = acc2[m] = _mm512_setzero_si512();
+      int64_t h = h0;
+      for (; h + 1 < h1; h += 2) {
+        const __m512i d = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (h >> 1) * kBlockBytes)));
+        const __m512i ca = _mm512_and_si512(_mm512_srlv_epi16(d, (h & 1) ? sh23 : sh01), m3);
+        const __m512i cb = _mm512_and_si512(_mm512_srlv_epi16(d, (h & 1) ? sh01 : sh23), m3);
+        const __m512i* db = reinterpret_cast<const __m512i*>(row + ((h + 1) >> 1) * kBlockBytes);
+        const __m512i cb2 = (h & 1) ? _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(db))), sh01), m3)
+                                    : cb;
+        const int8_t* qk = qb + h * 64;
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          acc[m] = _mm512_dpbusd_epi32(acc[m], ca, _mm512_loadu_si512(qk + m * c.Kp));  // exact u8*s8 sums
+          acc2[m] = _mm512_dpbusd_epi32(acc2[m], cb2, _mm512_loadu_si512(qk + m * c.Kp + 64));
+        }
+      }
+      for (; h < h1; ++h) {
         const __m512i d = _mm512_broadcast_i64x4(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (h >> 1) * kBlockBytes)));
         const __m512i cc = _mm512_and_si512(_mm512_srlv_epi16(d, (h & 1) ? sh23 : sh01), m3);
         const int8_t* qk = qb + h * 64;
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) {
-          const __m512i qv = _mm512_loadu_si512(qk + m * c.Kp);
-          acc[m] = _mm512_dpbusd_epi32(acc[m], cc, qv);  // 4 u8*s8 products per lane, exact
-        }
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], cc, _mm512_loadu_si512(qk + m * c.Kp));
       }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_add_epi32(acc[m], acc2[m]);
       if (c.G == 1) {
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) dots[m] = _mm512_reduce_add_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];

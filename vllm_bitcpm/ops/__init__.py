@@ -10,7 +10,8 @@ Kernels, by dispatch key:
   own runs it and says so once in the log.
 * ``CPU``: the C++ kernel built from ``kernels/cpu/`` registers here with
   ``TORCH_LIBRARY_IMPL(bitcpm, CPU, m)`` when it is built (a backend kernel takes precedence
-  over the composite one).
+  over the composite one). :mod:`vllm_bitcpm.ops.cpu` loads it (imported at the end of this
+  module, after the op is defined) and logs once which ISA path (scalar/avx2/avx512) runs.
 * ``PrivateUse1`` (Ascend NPU, renamed "npu" by torch_npu): the slot for the NPU kernel — the
   AscendC op from ``kernels/ascend/`` or a torch_npu composition registered with
   ``torch.library.impl("bitcpm::ternary_linear", "PrivateUse1")`` when torch_npu imports.
@@ -66,3 +67,6 @@ def ternary_linear(
 ) -> torch.Tensor:
     """Call the op through the dispatcher (picks the device's kernel)."""
     return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias, int8_activations)
+
+
+from vllm_bitcpm.ops import cpu as _cpu  # noqa: E402,F401  (registers the CPU kernel if built)

@@ -1,0 +1,168 @@
+"""Micro-benchmark of bitcpm::ternary_linear's CPU kernel on the BitCPM4-0.5B linear shapes.
+
+For each layer shape (qkv 1024->1280, o 1024->1024, gate_up 1024->8192, down 4096->1024) and
+M in {1, 10, 252} tokens it times: the ternary kernel (exact and int8 activations), dense
+F.linear in bf16 and fp32 with an (N, K) weight, and the PyTorch reference op (unpack + dense).
+It reports time per call (median), weight bytes streamed per second (packed 2-bit codes +
+scales for ternary, the dense weight for F.linear), GMAC/s, and the measured memory-bandwidth
+ceiling beside them; plus a "whole model" line (24 layers x one of each shape at M=1). Runs
+with 1 and 2 threads. Prints Markdown, writes benchmarks/results/kernels.json.
+
+    python benchmarks/kernels.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_bitcpm import ternary
+from vllm_bitcpm.ops import cpu as cpu_kernel
+from vllm_bitcpm.ops import reference
+
+SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
+LAYERS = 24
+MS = (1, 10, 252)
+RESULTS = Path(__file__).parent / "results" / "kernels.json"
+
+
+def machine_info() -> dict:
+    model, flags = platform.processor(), []
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+    return {
+        "cpu_model": model,
+        "logical_cpus": torch.multiprocessing.cpu_count() if hasattr(torch, "multiprocessing") else None,
+        "isa_flags": [f for f in wanted if f in flags],
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_isa": cpu_kernel.ISA,
+    }
+
+
+def timeit(fn, min_time=0.25, min_reps=5, max_reps=2000) -> float:
+    """Median seconds per call over repeats lasting at least ``min_time``."""
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth: sum over a 1 GiB float32 tensor (median of a few passes)."""
+    buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    t = timeit(lambda: buf.sum(), min_time=1.0, min_reps=3, max_reps=8)
+    del buf
+    return 4 * 256 * 1024 * 1024 / t / 1e9
+
+
+def make_layer(k: int, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    scales = (torch.rand(n, 1, generator=gen) + 0.5).to(torch.bfloat16)  # per-row, as BitCPM
+    codes = ternary.pack_codes(trits)
+    dense = (trits.float() * scales.float())
+    return codes, scales, dense
+
+
+def bench_threads(threads: int, quick: bool) -> dict:
+    torch.set_num_threads(threads)
+    out = {"threads": threads, "bandwidth_gbs": bandwidth_gbs(), "rows": []}
+    min_time = 0.1 if quick else 0.25
+    for name, (k, n) in SHAPES.items():
+        codes, scales, dense32 = make_layer(k, n)
+        dense16 = dense32.to(torch.bfloat16)
+        packed_bytes = codes.numel() + scales.numel() * scales.element_size()
+        for m in MS:
+            x32 = torch.randn(m, k)
+            x16 = x32.to(torch.bfloat16)
+            cases = {
+                "ternary exact": (lambda: torch.ops.bitcpm.ternary_linear(x32, codes, scales, k, None, False), packed_bytes),
+                "ternary int8": (lambda: torch.ops.bitcpm.ternary_linear(x32, codes, scales, k, None, True), packed_bytes),
+                "dense bf16": (lambda: F.linear(x16, dense16), dense16.numel() * 2),
+                "dense fp32": (lambda: F.linear(x32, dense32), dense32.numel() * 4),
+                "reference op": (lambda: reference.ternary_linear_reference(x32, codes, scales, k, None, False), packed_bytes),
+            }
+            for method, (fn, wbytes) in cases.items():
+                if quick and method == "reference op" and m != 1:
+                    continue
+                t = timeit(fn, min_time=min_time)
+                out["rows"].append(
+                    {
+                        "layer": name, "K": k, "N": n, "M": m, "method": method,
+                        "us_per_call": t * 1e6,
+                        "weight_gbs": wbytes / t / 1e9,
+                        "gmacs": m * k * n / t / 1e9,
+                    }
+                )
+    per_method = {}
+    for r in out["rows"]:
+        if r["M"] == 1:
+            per_method.setdefault(r["method"], 0.0)
+            per_method[r["method"]] += r["us_per_call"] * LAYERS / 1e3
+    out["whole_model_ms_per_token"] = per_method
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    lines = []
+    for tr in res["runs"]:
+        lines.append(f"\n### {tr['threads']} thread(s): read bandwidth ceiling {tr['bandwidth_gbs']:.1f} GB/s\n")
+        lines.append("| layer (K->N) | M | method | us/call | weight GB/s | GMAC/s |")
+        lines.append("|---|---:|---|---:|---:|---:|")
+        for r in tr["rows"]:
+            lines.append(
+                f"| {r['layer']} ({r['K']}->{r['N']}) | {r['M']} | {r['method']} | {r['us_per_call']:.1f} | "
+                f"{r['weight_gbs']:.2f} | {r['gmacs']:.2f} |"
+            )
+        lines.append("\nWhole model, linears only (24 x qkv+o+gate_up+down) at M=1:\n")
+        lines.append("| method | ms/token | tok/s ceiling (linears only) |")
+        lines.append("|---|---:|---:|")
+        for method, ms in tr["whole_model_ms_per_token"].items():
+            lines.append(f"| {method} | {ms:.2f} | {1e3 / ms:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timing, skip slow reference cases")
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not cpu_kernel.AVAILABLE:
+        print("warning: the CPU kernel is not built; 'ternary' rows time the PyTorch reference")
+    res = {"machine": machine_info(), "runs": []}
+    for threads in args.threads:
+        res["runs"].append(bench_threads(threads, args.quick))
+    md = to_markdown(res)
+    print(f"Machine: {res['machine']}")
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

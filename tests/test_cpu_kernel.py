@@ -1,0 +1,227 @@
+"""The C++ CPU kernel of bitcpm::ternary_linear (kernels/cpu/) against float64 oracles and the
+PyTorch reference, on every ISA path the running CPU can execute (scalar, avx2, avx512)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_bitcpm import ternary
+from vllm_bitcpm.ops import cpu as cpu_kernel
+from vllm_bitcpm.ops import reference
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernel.AVAILABLE,
+    reason="CPU kernel extension vllm_bitcpm._cpu_kernels is not built "
+    "(pip install --no-build-isolation -e . with torch installed)",
+)
+
+ALL_ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    if request.param not in cpu_kernel.isa_available():
+        pytest.skip(f"this CPU cannot run the {request.param} path (has {cpu_kernel.isa_available()})")
+    return request.param
+
+
+def kernel(x, codes, scales, group_size, bias=None, int8=False, isa="auto"):
+    return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, bias, int8, isa)
+
+
+def random_packed(n, k, group_size, scale_dtype, seed=0, scale_range=(0.5, 1.5)):
+    gen = torch.Generator().manual_seed(seed)
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    groups = math.ceil(k / group_size)
+    lo, hi = scale_range
+    scales = (torch.rand(n, groups, generator=gen) * (hi - lo) + lo).to(scale_dtype)
+    return ternary.pack_codes(trits), scales, trits
+
+
+def dense64(trits, scales, group_size):
+    k = trits.shape[1]
+    full = scales.to(torch.float64).repeat_interleave(group_size, dim=1)[:, :k]
+    return trits.to(torch.float64) * full
+
+
+def exact_oracle(x, trits, scales, group_size, bias=None):
+    y = x.to(torch.float64) @ dense64(trits, scales, group_size).T
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+def int8_oracle(x, trits, scales, group_size, bias=None):
+    """Integer dot products of absmax-quantized activations (float32 quantization, as specified)."""
+    q, inv = reference.quantize_activations_int8(x)
+    y = (q.to(torch.float64) @ dense64(trits, scales, group_size).T) / inv.to(torch.float64)
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def rel_err(y, expected):
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((y.to(torch.float64) - expected).abs().max() / scale)
+
+
+# (M, K, N, group_size): K and N off the 4/32/128/256 grid, every granularity (per-row G=1,
+# per-group 32/64/128 incl. a partial last group), decode (M < 32) and prefill (M >= 32) sizes.
+CASES = [
+    (1, 1, 1, 1),
+    (1, 3, 5, 3),
+    (2, 100, 33, 100),
+    (7, 129, 5, 32),
+    (1, 129, 33, 64),
+    (2, 1000, 33, 128),
+    (7, 1000, 5, 1000),
+    (1, 4096, 1280, 4096),
+    (2, 1024, 1280, 32),
+    (7, 4096, 33, 64),
+    (16, 1024, 100, 128),
+    (64, 1000, 33, 32),
+    (64, 4096, 96, 4096),
+    (300, 1000, 33, 1000),
+    (300, 129, 40, 64),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_oracles(isa, case, int8):
+    m, k, n, gs = CASES[case]
+    if isa == "scalar" and m * k * n > 50_000_000:
+        pytest.skip("too slow for the scalar path; a smaller case covers it")
+    x_dtype = DTYPES[case % 3]
+    scale_dtype = DTYPES[(case // 3) % 3]
+    codes, scales, trits = random_packed(n, k, gs, scale_dtype, seed=case)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + case)).to(x_dtype)
+    bias = torch.randn(n).to(x_dtype) if case % 2 else None
+    y = kernel(x, codes, scales, gs, bias, int8, isa)
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    oracle = int8_oracle if int8 else exact_oracle
+    assert rel_err(y, oracle(x, trits, scales, gs, bias)) < TOL[x_dtype]
+    ref = reference.ternary_linear_reference(x, codes, scales, gs, bias, int8)
+    assert rel_err(y, ref.to(torch.float64)) < TOL[x_dtype]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("m", [3, 40])
+def test_every_dtype_pair(isa, m, int8):
+    for x_dtype in DTYPES:
+        for scale_dtype in DTYPES:
+            codes, scales, trits = random_packed(20, 300, 64, scale_dtype)
+            x = torch.randn(m, 300).to(x_dtype)
+            y = kernel(x, codes, scales, 64, None, int8, isa)
+            oracle = int8_oracle if int8 else exact_oracle
+            assert y.dtype == x_dtype
+            assert rel_err(y, oracle(x, trits, scales, 64)) < TOL[x_dtype], (x_dtype, scale_dtype)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+def test_auto_dispatch_is_the_registered_cpu_kernel(int8):
+    codes, scales, trits = random_packed(33, 1000, 128, torch.bfloat16)
+    x = torch.randn(5, 1000)
+    y_op = torch.ops.bitcpm.ternary_linear(x, codes, scales, 128, None, int8)
+    y_auto = kernel(x, codes, scales, 128, None, int8, "auto")
+    assert torch.equal(y_op, y_auto)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("m", [5, 40])
+def test_zero_rows_and_extreme_scales(isa, m, int8):
+    k, n, gs = 300, 24, 64
+    for scale_range in [(1e30, 2e30), (1e-30, 2e-30), (0.5, 1.5)]:
+        codes, scales, trits = random_packed(n, k, gs, torch.float32, scale_range=scale_range)
+        trits[3] = 0  # an all-zero weight row
+        codes = ternary.pack_codes(trits)
+        x = torch.randn(m, k)
+        x[1] = 0  # an all-zero token
+        y = kernel(x, codes, scales, gs, None, int8, isa)
+        oracle = (int8_oracle if int8 else exact_oracle)(x, trits, scales, gs)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, oracle) < 1e-5, scale_range
+        assert torch.equal(y[1], torch.zeros(n)) and torch.equal(y[:, 3], torch.zeros(m))
+
+
+@pytest.mark.parametrize("m", [2, 40])
+def test_nan_and_inf_propagate_like_dense_matmul(isa, m):
+    k, n = 200, 16
+    codes, scales, trits = random_packed(n, k, 64, torch.float32)
+    x = torch.randn(m, k)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[1, 150] = float("-inf")  # second half of the row: +inf and -inf meet in one sum
+    x[m - 1, 199] = float("-inf")
+    dense = x @ (trits.float() * scales.repeat_interleave(64, dim=1)[:, :k]).T
+    y = kernel(x, codes, scales, 64, None, False, isa)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense))
+    assert torch.equal(torch.isinf(y), torch.isinf(dense))
+    assert torch.equal(torch.signbit(y[torch.isinf(y)]), torch.signbit(dense[torch.isinf(dense)]))
+    finite = torch.isfinite(dense)
+    torch.testing.assert_close(y[finite], dense[finite], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_int8_non_finite_token_gives_nan_outputs_like_the_reference(isa, m):
+    codes, scales, trits = random_packed(16, 200, 200, torch.float32)
+    x = torch.randn(m, 200)
+    x[0, 7] = float("inf")
+    x[2, 9] = float("nan")
+    x[1] = 0
+    y = kernel(x, codes, scales, 200, None, True, isa)
+    ref = reference.ternary_linear_reference(x, codes, scales, 200, None, True)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(y[1], torch.zeros(16))
+    ok = ~torch.isnan(ref)
+    torch.testing.assert_close(y[ok], ref[ok], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_rounding_ties_and_clamp_match_the_reference(isa):
+    # Values whose scaled products land on .5 ties and on the clamp boundary.
+    k = 256
+    x = torch.tensor([127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5] * (k // 8)).view(1, k)
+    codes, scales, trits = random_packed(9, k, 64, torch.float32)
+    y = kernel(x, codes, scales, 64, None, True, isa)
+    torch.testing.assert_close(y.to(torch.float64), int8_oracle(x, trits, scales, 64), rtol=1e-6, atol=1e-6)
+
+
+def test_leading_dims_one_d_input_and_bias(isa):
+    codes, scales, trits = random_packed(12, 40, 40, torch.float32)
+    x = torch.randn(2, 3, 40)
+    bias = torch.randn(12)
+    y = kernel(x, codes, scales, 40, bias, False, isa)
+    expected = exact_oracle(x.reshape(6, 40), trits, scales, 40, bias).reshape(2, 3, 12)
+    torch.testing.assert_close(y.to(torch.float64), expected, rtol=1e-5, atol=1e-5)
+    y1 = kernel(x[0, 0], codes, scales, 40, bias, True, isa)
+    assert y1.shape == (12,)
+    # non-contiguous x
+    xt = torch.randn(40, 5).t()
+    torch.testing.assert_close(
+        kernel(xt, codes, scales, 40, None, False, isa).to(torch.float64),
+        exact_oracle(xt, trits, scales, 40),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_errors_match_the_reference_messages():
+    codes, scales, _ = random_packed(8, 64, 32, torch.float32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"scales have shape \(8, 1\), expected \(8, 2\)"):
+        kernel(x, codes, scales[:, :1], 32)
+    with pytest.raises(ValueError, match="K=200"):
+        kernel(torch.randn(2, 200), codes, scales, 32)
+    with pytest.raises(ValueError, match="unknown isa"):
+        kernel(x, codes, scales, 32, None, False, "neon")
+
+
+def test_isa_helpers():
+    isas = cpu_kernel.isa_available()
+    assert isas[0] == "scalar"
+    assert str(torch.ops.bitcpm_cpu.current_isa()).split("+")[0] == isas[-1]
+    assert cpu_kernel.ISA is not None
