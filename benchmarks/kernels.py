@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -73,8 +72,7 @@ def timeit(fn, min_time=0.25, min_reps=5, max_reps=2000) -> float:
 def bandwidth_gbs() -> float:
     """Read bandwidth: sum over a 1 GiB float32 tensor (median of a few passes)."""
     buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
-    t = timeit(lambda: buf.sum(), min_time=1.0, min_reps=3, max_reps=8)
-    del buf
+    t = timeit(buf.sum, min_time=1.0, min_reps=3, max_reps=8)
     return 4 * 256 * 1024 * 1024 / t / 1e9
 
 

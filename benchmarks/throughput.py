@@ -81,6 +81,13 @@ def child() -> None:
     emit_result(result)
 
 
+#: (name, plugin enabled, extra environment): stock, the default ternary path, the fast options.
+SIDES = [
+    ("stock", False, {}),
+    ("plugin", True, {}),
+    ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
+]
+
 METRICS = [
     ("decode_b1_tok_per_s", "decode batch 1 (tok/s)", "{:.1f}"),
     ("decode_b10_tok_per_s", f"decode batch {BATCH}, total (tok/s)", "{:.1f}"),
@@ -103,9 +110,9 @@ def plot(result: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for ax, key in zip(axes, keys):
         threads = sorted(runs, key=int)
-        width = 0.38
-        for i, side in enumerate(("stock", "plugin")):
-            xs = [j + (i - 0.5) * width for j in range(len(threads))]
+        width = 0.27
+        for i, (side, _, _) in enumerate(SIDES):
+            xs = [j + (i - 1) * width for j in range(len(threads))]
             ax.bar(xs, [runs[t][side][key] for t in threads], width, label=side)
         ax.set_xticks(range(len(threads)), [f"{t} thread(s)" for t in threads])
         ax.set_title(next(label for k, label, _ in METRICS if k == key), fontsize=9)
@@ -149,22 +156,25 @@ def main() -> None:
     for threads in args.threads:
         bind = "0" if threads == 1 else f"0-{threads - 1}"
         runs[str(threads)] = {}
-        for side, plugin in (("stock", False), ("plugin", True)):
+        for side, plugin, env in SIDES:
             print(f"[{threads} thread(s)] {side} ...", flush=True)
             result, log = run_child([sys.executable, __file__, "--child"], spec, plugin, timeout=3600,
-                                    extra_env={"VLLM_CPU_OMP_THREADS_BIND": bind})
+                                    extra_env={"VLLM_CPU_OMP_THREADS_BIND": bind, **env})
             runs[str(threads)][side] = result
 
     print(f"\n### {Path(model).name}, {args.dtype}, {'compiled' if args.compile else 'eager'}\n")
-    header = "| metric | " + " | ".join(f"{t}T stock | {t}T bitcpm | ratio" for t in runs) + " |"
-    print(header)
-    print("|---|" + "---|---|---|" * len(runs))
-    for key, label, fmt in METRICS:
-        cells = []
-        for t in runs:
-            s, p = runs[t]["stock"][key], runs[t]["plugin"][key]
-            cells.append(f"{fmt.format(s)} | {fmt.format(p)} | {p / s:.2f}x")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("bitcpm = default (exact activations, bf16 head); bitcpm-int8 = int8 activations + int8 head\n")
+    for t in runs:
+        print(f"**{t} model thread(s)**\n")
+        print("| metric | stock | bitcpm | ratio | bitcpm-int8 | ratio |\n|---|---|---|---|---|---|")
+        for key, label, fmt in METRICS:
+            s = runs[t]["stock"][key]
+            cells = [fmt.format(s)]
+            for side in ("plugin", "plugin-int8"):
+                p = runs[t][side][key]
+                cells += [fmt.format(p), f"{p / s:.2f}x"]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print()
     result = {"model": model, "spec": spec, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "threads_bind": "VLLM_CPU_OMP_THREADS_BIND=0 (1 thread) / 0-1 (2 threads), in-process engine",
               "runs": runs}

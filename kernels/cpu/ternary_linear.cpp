@@ -7,7 +7,7 @@
 // marked __attribute__((target(...))) and is only called after a run-time CPU check, so the
 // same binary runs (scalar path) on CPUs without AVX2.
 //
-// Paths (see README of this folder / the report in the PR for instruction counts):
+// Paths (kernels/README.md has the instruction counts and measured figures):
 //   exact mode, decode (M < kGemmMinM): per row, per 32-bit lane of a 32-byte code load,
 //     `vpsrld` by (8*byte + 2*shift) then `vpermps` from an 8-entry table {-s,0,s,0,-s,0,s,0}
 //     gives 8 scaled float weights (2 instructions per 8 weights), then one FMA per token.
