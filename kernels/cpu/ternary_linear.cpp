@@ -800,9 +800,14 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           c.xp = xp.data_ptr<float>();
         }
         if (Mrows >= kGemmMinM) {
-          // Prefill: dequantize tiles of rows into float and let at::mm do the GEMM.
+          // Prefill: dequantize tiles of rows and let at::mm do the GEMM. When x and the scales
+          // share a 16-bit dtype, every dequantized weight t*s is exact in that dtype, so the GEMM
+          // runs there (oneDNN's bf16/fp16 kernels, fp32 accumulation), as the dense layer does.
+          const at::ScalarType x_type = x_in.scalar_type();
+          const bool gemm_16bit = (x_type == at::kBFloat16 || x_type == at::kHalf) && st == x_type;
           const int64_t ld = isa == Isa::kScalar ? K : c.Kp;
-          const at::Tensor xa = isa == Isa::kScalar ? x : xp;
+          const at::Tensor xa = gemm_16bit ? (isa == Isa::kScalar ? x : xp).to(x_type)
+                                           : (isa == Isa::kScalar ? x : xp);
           int64_t tile = std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (ld * 4)) / kRowTile * kRowTile);
           tile = std::min(tile, N);
           at::Tensor wt = at::empty({tile, ld}, x.options());
@@ -816,7 +821,8 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
               else if (isa == Isa::kAvx512) dequant_rows_avx512(c, a, b, dst, ld, sbuf.data());
               else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());
             });
-            const at::Tensor part = at::mm(xa, wt.narrow(0, 0, t1 - t0).t());
+            const at::Tensor w_tile = wt.narrow(0, 0, t1 - t0);
+            const at::Tensor part = at::mm(xa, (gemm_16bit ? w_tile.to(x_type) : w_tile).t());
             y32.narrow(1, t0, t1 - t0).copy_(part);
           }
         } else if (isa == Isa::kScalar) {
