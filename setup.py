@@ -65,6 +65,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],
+        "console_scripts": ["vllm-bitcpm = vllm_bitcpm.cli:main"],
     },
     **_cpu_extension_kwargs(),
 )

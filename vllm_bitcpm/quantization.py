@@ -18,6 +18,7 @@ weight loaders handle q/k/v, gate/up and tensor parallelism as usual); packing h
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -27,8 +28,9 @@ from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, Unqu
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_bitcpm import lm_head, ops, ternary
+from vllm_bitcpm import compat, lm_head, ops, ternary
 
 logger = init_logger("vllm.bitcpm")
 
@@ -88,9 +90,17 @@ class PackingReport:
 class BitCPMConfig(QuantizationConfig):
     """Ternary (1.58-bit) weights stored at 2 bits with per-tensor/row/group scales."""
 
-    def __init__(self, require_ternary: bool = True, activations: str | None = None) -> None:
+    def __init__(
+        self,
+        require_ternary: bool = True,
+        activations: str | None = None,
+        packed_checkpoint: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.require_ternary = require_ternary
+        #: quantization_config of a checkpoint written by ``vllm-bitcpm convert`` (tensors are
+        #: loaded packed as they are), or None for fake-quantized dense tensors packed at load.
+        self.packed_checkpoint = packed_checkpoint
         self.activations = activation_mode(activations)
         self.lm_head = lm_head.lm_head_mode()
         self.report = PackingReport()
@@ -124,7 +134,17 @@ class BitCPMConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "BitCPMConfig":
         if config.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
             raise ValueError(f"bitcpm: quantization_config has quant_method {config['quant_method']!r}")
-        return cls(require_ternary=True, activations=config.get("activations"))
+        packed = None
+        if "layout_version" in config:
+            version = int(config["layout_version"])
+            if version != ternary.PACK_LAYOUT_VERSION:
+                raise ValueError(
+                    f"bitcpm: this checkpoint's packed layout is version {version}, but this "
+                    f"vllm-bitcpm reads version {ternary.PACK_LAYOUT_VERSION}: "
+                    + ("upgrade vllm-bitcpm" if version > ternary.PACK_LAYOUT_VERSION else "re-convert it")
+                )
+            packed = config
+        return cls(require_ternary=True, activations=config.get("activations"), packed_checkpoint=packed)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, LinearBase):
@@ -142,6 +162,40 @@ class BitCPMConfig(QuantizationConfig):
         if num_partitions == 1:
             return [prefix]
         return [f"{prefix}[{i}]" for i in range(num_partitions)]
+
+
+# vLLM-Ascend's NPUPlatform lists the methods it accepts; the decorator above adds ours, and
+# this covers the cases where it skips that (see compat.ensure_platform_supports).
+compat.ensure_platform_supports(QUANT_METHOD)
+
+
+def packed_checkpoint_group_size(packed_config: dict[str, Any], in_features: int) -> int:
+    """Scale group size of a packed checkpoint's layer (-1 in the config: one scale per row)."""
+    group_size = int(packed_config.get("group_size", -1))
+    return in_features if group_size < 0 else group_size
+
+
+def _checked_loader(weight_loader, name: str, expected_columns: int):
+    """vLLM's loader for a packed tensor, with a message that names the tensor on a bad shape."""
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        if loaded_weight.dim() != 2 or loaded_weight.shape[1] != expected_columns:
+            raise ValueError(
+                f"bitcpm: checkpoint tensor for '{name}' has shape {tuple(loaded_weight.shape)}; "
+                f"expected (rows, {expected_columns}) for this layer's input size and the "
+                "checkpoint's group_size (the file is corrupt or was written for another model)"
+            )
+        if name.endswith("weight_codes") and loaded_weight.dtype != torch.uint8:
+            raise ValueError(f"bitcpm: checkpoint tensor for '{name}' is {loaded_weight.dtype}, expected uint8")
+        try:
+            return weight_loader(param, loaded_weight, *args, **kwargs)
+        except (AssertionError, RuntimeError) as err:
+            raise ValueError(
+                f"bitcpm: cannot load '{name}' (shard {args[0] if args else '-'}) of shape "
+                f"{tuple(loaded_weight.shape)} into {tuple(param.shape)}: {err or 'shape mismatch'}"
+            ) from None
+
+    return load
 
 
 class TernaryLinearMethod(LinearMethodBase):
@@ -162,6 +216,19 @@ class TernaryLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
+        layer.bitcpm_partition_sizes = list(output_partition_sizes)
+        layer.bitcpm_packed = False
+        layer.bitcpm_loaded_packed = False
+        layer.bitcpm_kept_dense = False
+        self.quant_config.report.expected_layers += 1
+        if self.quant_config.packed_checkpoint is not None:
+            layer.bitcpm_kept_dense = self._kept_dense(len(output_partition_sizes))
+        if self.quant_config.packed_checkpoint is not None and not layer.bitcpm_kept_dense:
+            self._create_packed_weights(
+                layer, input_size_per_partition, output_partition_sizes, input_size, params_dtype,
+                extra_weight_attrs.pop("weight_loader"), extra_weight_attrs,
+            )
+            return
         self.dense.create_weights(
             layer,
             input_size_per_partition,
@@ -171,15 +238,86 @@ class TernaryLinearMethod(LinearMethodBase):
             params_dtype,
             **extra_weight_attrs,
         )
-        layer.bitcpm_partition_sizes = list(output_partition_sizes)
-        layer.bitcpm_packed = False
-        self.quant_config.report.expected_layers += 1
+
+    def _kept_dense(self, num_partitions: int) -> bool:
+        """Whether a packed checkpoint stores this layer dense (``modules_to_not_convert``)."""
+        dense = set(self.quant_config.packed_checkpoint.get("modules_to_not_convert", []))
+        names = self.quant_config.logical_names(self.prefix, num_partitions)
+        kept = [name in dense for name in names]
+        if any(kept) and not all(kept):
+            raise ValueError(
+                f"bitcpm: packed checkpoint keeps {[n for n, k in zip(names, kept) if k]} dense but packs "
+                f"{[n for n, k in zip(names, kept) if not k]}; vLLM fuses them into '{self.prefix}', so they "
+                "must be all dense or all packed (re-convert with --keep-dense for all of them)"
+            )
+        return all(kept)
+
+    def _create_packed_weights(
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, params_dtype,
+        weight_loader, extra_weight_attrs,
+    ) -> None:
+        """Parameters that receive ``*.weight_codes`` / ``*.weight_scales`` as stored on disk.
+
+        vLLM's weight loaders shard them like a dense weight: rows by ``output_dim``; columns by
+        ``input_dim`` for a row-parallel layer (whole 128-weight blocks of codes, whole scale
+        groups), except per-row scales, which every rank keeps whole.
+        """
+        rows = sum(output_partition_sizes)
+        group_size = packed_checkpoint_group_size(self.quant_config.packed_checkpoint, input_size)
+        sharded = input_size_per_partition != input_size
+        if sharded and (input_size_per_partition % ternary.BLOCK_WEIGHTS
+                        or (group_size < input_size and input_size_per_partition % group_size)):
+            raise ValueError(
+                f"bitcpm: layer '{self.prefix}': a tensor-parallel shard of {input_size_per_partition} "
+                f"input columns does not align with 128-weight code blocks / groups of {group_size}"
+            )
+        groups = 1 if group_size >= input_size else math.ceil(input_size_per_partition / group_size)
+        codes = torch.nn.Parameter(
+            torch.empty(rows, ternary.packed_row_bytes(input_size_per_partition), dtype=torch.uint8),
+            requires_grad=False,
+        )
+        scales = torch.nn.Parameter(torch.empty(rows, groups, dtype=params_dtype), requires_grad=False)
+        expected_columns = {
+            "weight_codes": ternary.packed_row_bytes(input_size),
+            "weight_scales": 1 if group_size >= input_size else math.ceil(input_size / group_size),
+        }
+        for name, param in (("weight_codes", codes), ("weight_scales", scales)):
+            layer.register_parameter(name, param)
+            attrs = {"output_dim": 0, **extra_weight_attrs}
+            if name == "weight_codes" or groups > 1:
+                attrs["input_dim"] = 1
+            attrs["weight_loader"] = _checked_loader(weight_loader, f"{self.prefix}.{name}", expected_columns[name])
+            set_weight_attrs(param, attrs)
+        layer.bitcpm_group_size = input_size_per_partition if group_size >= input_size else group_size
+        layer.bitcpm_loaded_packed = True
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         report = self.quant_config.report
+        if layer.bitcpm_loaded_packed:
+            layer.bitcpm_packed = True
+            # Scales arrive in the model dtype; keep them in 16 bits when that is exact.
+            layer.weight_scales.data = ternary.narrowest_exact(layer.weight_scales.data, layer.weight_scales.dtype)
+            nbytes = sum(t.numel() * t.element_size() for t in (layer.weight_codes, layer.weight_scales))
+            rows, k = layer.weight_codes.shape[0], layer.input_size_per_partition
+            report.packed_layers += 1
+            report.packed_weights += rows * k
+            report.packed_bytes += nbytes
+            report.bytes_after += nbytes
+            report.dense_bytes_before += rows * k * torch.empty((), dtype=layer.params_dtype).element_size()
+            report.granularities["from checkpoint"] = report.granularities.get("from checkpoint", 0) + 1
+            self._prepare_for_npu(layer, k)
+            self._count_processed(report)
+            return
         weight = layer.weight.data
         dense_bytes = weight.numel() * weight.element_size()
         names = self.quant_config.logical_names(self.prefix, len(layer.bitcpm_partition_sizes))
+        if layer.bitcpm_kept_dense:  # stored dense on purpose by `vllm-bitcpm convert --keep-dense`
+            self.dense.process_weights_after_loading(layer)
+            report.dense_layer_names.append(self.prefix)
+            report.bytes_after += dense_bytes
+            report.dense_bytes_before += dense_bytes
+            self._count_processed(report)
+            return
         try:
             packed, layouts = ternary.quantize_exact(
                 weight, name=self.prefix, partition_sizes=layer.bitcpm_partition_sizes
@@ -197,6 +335,7 @@ class TernaryLinearMethod(LinearMethodBase):
             packed = None
         else:
             self._install_packed(layer, packed)
+            self._prepare_for_npu(layer, packed.in_features)
             report.packed_layers += 1
             report.packed_weights += weight.numel()
             report.packed_bytes += packed.nbytes()
@@ -205,6 +344,17 @@ class TernaryLinearMethod(LinearMethodBase):
                 kind = layout.describe()
                 report.granularities[kind] = report.granularities.get(kind, 0) + 1
         report.dense_bytes_before += dense_bytes
+        self._count_processed(report)
+
+    def _prepare_for_npu(self, layer: torch.nn.Module, in_features: int) -> None:
+        """On vLLM-Ascend, convert the packed tensors once to the NPU kernel's form (ops/npu.py)."""
+        if compat.on_npu():
+            from vllm_bitcpm.ops import npu
+
+            npu.prepare_layer(layer, self.prefix, in_features)
+
+    @staticmethod
+    def _count_processed(report: PackingReport) -> None:
         report.processed_layers += 1
         if report.processed_layers == report.expected_layers:
             logger.info(report.summary())
@@ -227,6 +377,13 @@ class TernaryLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         if not layer.bitcpm_packed:
             return self.dense.apply(layer, x, bias)
+        npu_weights = getattr(layer, "bitcpm_npu", None)  # set only on NPU, torch_npu kernel
+        if npu_weights is not None:
+            from vllm_bitcpm.ops import npu
+
+            return npu.weight_quant_linear(
+                npu_weights, x, bias, self.quant_config.activations == "int8"
+            )
         return ops.ternary_linear(
             x,
             layer.weight_codes,

@@ -238,7 +238,7 @@ def _scales_for(absw: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
     return _group_absmax(absw, layout.group_size)
 
 
-def _narrowest_exact(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def narrowest_exact(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Store scales in 16 bits when that is exact (a bf16 checkpoint run in float32 still has
     bf16 scales), else in the weight's dtype. Dequantizing casts up, which is exact."""
     for narrow in (torch.bfloat16, torch.float16):
@@ -277,7 +277,7 @@ def quantize_exact(
     for part, layout in zip(parts, layouts):
         scale = _scales_for(part.to(torch.float32).abs(), layout)
         scale_blocks.append(_expand_groups(scale, layout.group_size, k)[:, ::group_size])
-    scales = _narrowest_exact(torch.cat(scale_blocks, dim=0), weight.dtype)
+    scales = narrowest_exact(torch.cat(scale_blocks, dim=0), weight.dtype)
 
     full_scales = _expand_groups(scales.to(torch.float32), group_size, k)
     w = weight.detach().to(torch.float32)

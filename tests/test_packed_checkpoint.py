@@ -1,0 +1,146 @@
+"""`vllm-bitcpm inspect/convert` and loading packed checkpoints directly in vLLM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_bitcpm import synthetic, ternary
+from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS, TERNARY_GRANULARITIES
+from tests.test_engine import _outputs
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vllm_bitcpm.cli", *args, "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def packed_dir(checkpoint_dir, tmp_path_factory) -> Path:
+    """Packed copies of the shared synthetic checkpoints, plus deliberately broken ones."""
+    root = tmp_path_factory.mktemp("packed")
+    for name in TERNARY_GRANULARITIES:
+        result = cli("convert", str(checkpoint_dir / name), str(root / name))
+        assert result.returncode == 0, result.stderr
+    result = cli("convert", str(checkpoint_dir / "mixed"), str(root / "mixed"),
+                 "--keep-dense", "model.layers.1.mlp.down_proj")
+    assert result.returncode == 0, result.stderr
+    # A checkpoint from a future layout, and one whose scale tensor has the wrong shape.
+    shutil.copytree(root / "per_row", root / "future")
+    config = json.loads((root / "future" / "config.json").read_text())
+    config["quantization_config"]["layout_version"] = ternary.PACK_LAYOUT_VERSION + 1
+    (root / "future" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(root / "per_row", root / "bad_scales")
+    tensors = load_file(str(root / "bad_scales" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight_scales"
+    tensors[name] = torch.cat([tensors[name], tensors[name]], dim=1)
+    save_file(tensors, str(root / "bad_scales" / "model.safetensors"))
+    return root
+
+
+PACKED_JOBS = [*TERNARY_GRANULARITIES, "mixed", "future", "bad_scales"]
+
+
+@pytest.fixture(scope="module")
+def packed_runs(packed_dir, prompt_ids) -> dict[str, dict]:
+    jobs = [EngineJob(model=str(packed_dir / name), prompts=prompt_ids, max_tokens=MAX_TOKENS,
+                      logprobs=LOGPROBS) for name in PACKED_JOBS]
+    return dict(zip(PACKED_JOBS, run_engine_jobs(jobs, plugin=True)))
+
+
+@pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed"])
+def test_packed_checkpoint_loads_and_decodes_like_its_source(name, packed_runs, plugin_runs):
+    assert _outputs(packed_runs[name]) == _outputs(plugin_runs[name])  # tokens and logprobs
+    (layers,) = packed_runs[name]["layers"]
+    assert layers["packed_layers"] > 0
+    assert layers["dense_layers"] == (1 if name == "mixed" else 0)
+    assert "scales of" in packed_runs[name]["log"] and "from checkpoint" in packed_runs[name]["log"]
+
+
+def test_packed_files_are_about_a_quarter_of_bf16(checkpoint_dir, packed_dir):
+    source = (checkpoint_dir / "per_row" / "model.safetensors").stat().st_size
+    packed = (packed_dir / "per_row" / "model.safetensors").stat().st_size
+    FIGURES.append(f"tiny per_row checkpoint: {source / 2**20:.2f} MiB bf16 -> {packed / 2**20:.2f} MiB packed")
+    assert packed < 0.45 * source  # the bf16 embedding stays; linears shrink 8x
+
+
+def test_future_layout_version_is_refused_clearly(packed_runs):
+    error = packed_runs["future"].get("error", "")
+    assert f"layout is version {ternary.PACK_LAYOUT_VERSION + 1}" in error and "upgrade vllm-bitcpm" in error
+
+
+def test_mis_shaped_scale_tensor_is_named(packed_runs):
+    error = packed_runs["bad_scales"].get("error", "")
+    assert "model.layers.0.mlp.gate_up_proj.weight_scales" in error and "expected (rows, 1)" in error
+
+
+def test_inspect_reports_each_layer_and_a_summary(checkpoint_dir):
+    result = cli("inspect", str(checkpoint_dir / "mixed"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    down = next(line for line in lines if line.startswith("model.layers.1.mlp.down_proj.weight"))
+    assert " NO " in down
+    up = next(line for line in lines if line.startswith("model.layers.1.mlp.up_proj.weight"))
+    assert " yes " in up and "per_row" in up
+    assert any(line.startswith("summary: 27/28 linear layers ternary") for line in lines)
+    assert any("not ternary: model.layers.1.mlp.down_proj.weight" in line for line in lines)
+
+
+def test_convert_refuses_a_non_ternary_layer_by_name(checkpoint_dir, tmp_path):
+    result = cli("convert", str(checkpoint_dir / "mixed"), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "model.safetensors: model.layers.1.mlp.down_proj.weight: not ternary" in result.stderr
+    assert "--keep-dense" in result.stderr
+
+
+def test_convert_refuses_an_existing_destination(checkpoint_dir, packed_dir):
+    result = cli("convert", str(checkpoint_dir / "per_row"), str(packed_dir / "per_row"))
+    assert result.returncode == 2 and "destination exists" in result.stderr
+
+
+def test_convert_refuses_a_missing_tokenizer_and_a_corrupt_file(checkpoint_dir, tmp_path):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(checkpoint_dir / "per_row", no_tokenizer)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / file).unlink()
+    result = cli("convert", str(no_tokenizer), str(tmp_path / "out1"))
+    assert result.returncode == 2 and "no tokenizer" in result.stderr
+    result = cli("convert", str(checkpoint_dir / "truncated"), str(tmp_path / "out2"))
+    assert result.returncode == 2 and "model.safetensors" in result.stderr and "truncated" in result.stderr
+
+
+def test_convert_reads_pytorch_model_bin(checkpoint_dir, tmp_path):
+    """The BitCPM-CANN releases ship .bin files."""
+    source = tmp_path / "bin_source"
+    shutil.copytree(checkpoint_dir / "per_group", source)
+    tensors = load_file(str(source / "model.safetensors"))
+    (source / "model.safetensors").unlink()
+    torch.save(tensors, source / "pytorch_model.bin")
+    result = cli("convert", str(source), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    packed = load_file(str(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["group_size"] == 64 and config["layout_version"] == ternary.PACK_LAYOUT_VERSION
+    name = "model.layers.2.self_attn.o_proj"
+    restored = ternary.dequantize(packed[name + ".weight_codes"], packed[name + ".weight_scales"], 64,
+                                  tensors[name + ".weight"].shape[1], torch.bfloat16)
+    assert torch.equal(restored, tensors[name + ".weight"])
+
+
+def test_synthetic_demo_shape_checkpoint_roundtrips_through_the_console_script(tmp_path):
+    """The installed `vllm-bitcpm` command itself (setup.py console_scripts)."""
+    source = synthetic.write_checkpoint(tmp_path / "src", shape="tiny", granularity="per_tensor")
+    exe = Path(sys.executable).with_name("vllm-bitcpm")
+    result = subprocess.run([str(exe), "convert", str(source), str(tmp_path / "dst"), "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "verified bit for bit" in result.stdout

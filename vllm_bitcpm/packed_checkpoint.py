@@ -1,0 +1,309 @@
+"""Packed BitCPM checkpoints: read fake-quantized sources, inspect them, write 2-bit files.
+
+A packed checkpoint is an ordinary HF directory whose ternary linear weights ``P.weight`` are
+replaced by ``P.weight_codes`` (uint8, packed layout version 1 of :mod:`vllm_bitcpm.ternary`)
+and ``P.weight_scales`` ((N, G), 16-bit when exact). ``config.json`` gains::
+
+    "quantization_config": {
+        "quant_method": "bitcpm", "bits": 2, "layout_version": 1,
+        "group_size": -1 | g,            # -1: one scale per row (per-tensor/per-row sources)
+        "granularity": {"per_row": 168, ...},
+        "modules_to_not_convert": [...]  # linear modules kept dense
+    }
+
+One group size serves the whole model (the finest found; coarser scales are repeated, which is
+exact), because vLLM fuses q/k/v and gate/up into one layer with one scale layout.
+Pure PyTorch + safetensors: no vLLM import, usable on machines without an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vllm_bitcpm import ternary
+from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, validate_safetensors
+
+CODES_SUFFIX = ".weight_codes"
+SCALES_SUFFIX = ".weight_scales"
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted as asked; the message says which file or tensor."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def resolve_source(src: str) -> Path:
+    """A local checkpoint directory, or a hub id downloaded through huggingface_hub."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"{src}: not a directory (give the checkpoint directory)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src))
+    except Exception as err:  # noqa: BLE001 - any hub failure is reported with the id
+        raise ConversionError(f"{src}: not a local directory, and downloading it from the hub failed: {err}") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    if files:
+        return files
+    raise ConversionError(f"{directory}: no *.safetensors or pytorch_model*.bin weight files")
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) for every tensor, one file in memory at a time."""
+    for path in weight_files(directory):
+        if path.suffix == ".safetensors":
+            validate_safetensors(path)
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), path
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+                raise CorruptCheckpointError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+            for name, tensor in state.items():
+                yield name, tensor, path
+
+
+def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    """2-D ``*.weight`` inside the decoder layers: the projections BitCPM trains ternary.
+
+    The embedding, the lm_head and norms stay high precision by design."""
+    return (
+        tensor.dim() == 2
+        and name.endswith(".weight")
+        and ".layers." in name
+        and "norm" not in name.rsplit(".", 2)[-2]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection
+
+
+@dataclasses.dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    ternary: bool
+    layout: str | None  # e.g. "per_row", "per_group(g=128)"
+    group_size: int | None
+    zero_fraction: float | None
+    dense_bytes: int
+    packed_bytes: int | None
+    reason: str | None = None
+
+
+def inspect_linear(name: str, weight: torch.Tensor) -> LinearReport:
+    dense_bytes = weight.numel() * weight.element_size()
+    try:
+        packed, (layout,) = ternary.quantize_exact(weight, name=name)
+    except ternary.NotTernaryError as err:
+        return LinearReport(name, tuple(weight.shape), str(weight.dtype).removeprefix("torch."), False,
+                            None, None, None, dense_bytes, None, str(err))
+    zeros = float((weight == 0).float().mean())
+    return LinearReport(name, tuple(weight.shape), str(weight.dtype).removeprefix("torch."), True,
+                        layout.describe(), layout.group_size, zeros, dense_bytes, packed.nbytes())
+
+
+def inspect_checkpoint(directory: Path, progress: bool = True) -> list[LinearReport]:
+    reports = []
+    tensors = iter_tensors(directory)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="inspecting", unit="tensor")
+    for name, tensor, _ in tensors:
+        if is_linear_weight(name, tensor):
+            reports.append(inspect_linear(name, tensor))
+    if not reports:
+        raise ConversionError(f"{directory}: no linear layer weights found (expected model.layers.*.*_proj.weight)")
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _module_of(weight_name: str) -> str:
+    return weight_name[: -len(".weight")]
+
+
+def _kept_dense(name: str, patterns: list[str]) -> bool:
+    module = _module_of(name)
+    return any(fnmatch.fnmatch(module, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _regroup(scales: torch.Tensor, group_size: int, k: int, target: int) -> torch.Tensor:
+    """Repeat scales of groups of ``group_size`` into groups of ``target`` (target divides it)."""
+    if group_size == target:
+        return scales
+    per_column = scales.repeat_interleave(group_size, dim=1)[:, :k]
+    return per_column[:, ::target].contiguous()
+
+
+def convert(
+    src: str,
+    dst: str | os.PathLike,
+    keep_dense: list[str] | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> dict:
+    """Write a packed copy of ``src`` to ``dst``; returns a summary (sizes, layouts, dense modules).
+
+    A linear weight that is not ternary stops the conversion with its name and file, unless a
+    ``keep_dense`` glob (module or weight name, e.g. ``"*.mlp.down_proj"``) matches it. The
+    result is verified by unpacking every packed tensor and comparing it with the source.
+    """
+    from safetensors.torch import load_file, save_file
+
+    keep_dense = list(keep_dense or [])
+    source = resolve_source(src)
+    out = Path(dst)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"{out}: destination exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{source}: no config.json")
+    config = json.loads(config_path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "bitcpm":
+        raise ConversionError(f"{source}: already a packed bitcpm checkpoint")
+    tokenizer_files = [p for p in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (source / p).exists()]
+    if not tokenizer_files:
+        raise ConversionError(f"{source}: no tokenizer (tokenizer.json / tokenizer.model / tokenizer_config.json)")
+
+    # Pass 1: pack every linear weight, remember everything else as is (one file at a time).
+    packed: dict[str, tuple[ternary.TernaryMatrix, ternary.ScaleLayout]] = {}
+    others: dict[str, torch.Tensor] = {}
+    dense_modules: list[str] = []
+    source_bytes = 0
+    tensors = iter_tensors(source)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="packing", unit="tensor")
+    for name, tensor, path in tensors:
+        source_bytes += tensor.numel() * tensor.element_size()
+        if is_linear_weight(name, tensor) and not _kept_dense(name, keep_dense):
+            try:
+                matrix, (layout,) = ternary.quantize_exact(tensor, name=name)
+            except ternary.NotTernaryError as err:
+                raise ConversionError(
+                    f"{path.name}: {err}. Keep such layers dense with --keep-dense "
+                    f"'{_module_of(name)}' (a glob), or check that {src} is a ternary BitCPM checkpoint"
+                ) from None
+            packed[name] = (matrix, layout)
+        else:
+            if is_linear_weight(name, tensor):
+                dense_modules.append(_module_of(name))
+            others[name] = tensor
+    if not packed:
+        raise ConversionError(f"{source}: no ternary linear weights to pack")
+
+    group_size = min(
+        (layout.group_size for _, layout in packed.values() if layout.granularity is ternary.Granularity.PER_GROUP),
+        default=-1,
+    )
+    granularity: dict[str, int] = {}
+    tensors_out: dict[str, torch.Tensor] = dict(others)
+    for name, (matrix, layout) in packed.items():
+        granularity[layout.describe()] = granularity.get(layout.describe(), 0) + 1
+        scales = matrix.scales
+        if group_size > 0:
+            scales = _regroup(scales, matrix.group_size, matrix.in_features, group_size)
+        module = _module_of(name)
+        tensors_out[module + CODES_SUFFIX] = matrix.codes
+        tensors_out[module + SCALES_SUFFIX] = scales.contiguous()
+
+    # Write shards and the index.
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors_out):
+        nbytes = tensors_out[name].numel() * tensors_out[name].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors_out[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors_out.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
+
+    # Everything that is not a weight file is copied unchanged (tokenizer, generation config, code).
+    for item in source.iterdir():
+        if item.is_file() and item.name != "config.json" and not any(fnmatch.fnmatch(item.name, p) for p in WEIGHT_FILES):
+            shutil.copy2(item, out / item.name)
+    config["quantization_config"] = {
+        "quant_method": "bitcpm",
+        "bits": 2,
+        "layout_version": ternary.PACK_LAYOUT_VERSION,
+        "group_size": group_size,
+        "granularity": granularity,
+        "modules_to_not_convert": sorted(dense_modules),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # Verify: every packed tensor unpacks to its source, bit for bit.
+    written: dict[str, torch.Tensor] = {}
+    for file in sorted(set(weight_map.values())):
+        written.update(load_file(str(out / file)))
+    for name, tensor, _ in iter_tensors(source):
+        module = _module_of(name)
+        if name in packed:
+            k = tensor.shape[1]
+            g = k if group_size < 0 else group_size
+            restored = ternary.dequantize(written[module + CODES_SUFFIX], written[module + SCALES_SUFFIX], g, k, tensor.dtype)
+            if not torch.equal(restored, tensor):
+                raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
+        elif not torch.equal(written[name], tensor):
+            raise ConversionError(f"verification failed: {name} differs from the source")
+
+    packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    return {
+        "source": str(source),
+        "destination": str(out),
+        "source_weight_bytes": source_bytes,
+        "packed_file_bytes": packed_bytes,
+        "packed_linear_layers": len(packed),
+        "dense_linear_layers": dense_modules,
+        "group_size": group_size,
+        "granularity": granularity,
+        "shards": len(shards),
+    }
+
