@@ -38,6 +38,55 @@ def _cpu_extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}}
 
 
+def _ascend_extension_kwargs(kwargs: dict) -> dict:
+    """Add the AscendC kernel (kernels/ascend/) to ``kwargs``, only where CANN is installed.
+
+    Built by CMake (CANN's ``ascendc_library``) when ``ASCEND_HOME_PATH`` and ``SOC_VERSION``
+    are set and torch_npu imports; otherwise skipped with a message, and NPU layers use the
+    torch_npu composition (``npu_weight_quant_batchmatmul``). Never blocks the CPU build.
+    """
+    missing = [name for name in ("ASCEND_HOME_PATH", "SOC_VERSION") if not os.environ.get(name)]
+    if missing:
+        print(f"vllm-bitcpm: {' and '.join(missing)} not set; not building the Ascend kernel "
+              "(needs CANN; NPU layers then use torch_npu's weight-quant matmul)")
+        return kwargs
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        print(f"vllm-bitcpm: torch_npu is not importable ({exc}); not building the Ascend kernel")
+        return kwargs
+    import shutil
+    import subprocess
+    import sys
+
+    from setuptools import Extension
+    from setuptools.command.build_ext import build_ext
+
+    base = kwargs.get("cmdclass", {}).get("build_ext", build_ext)
+
+    class BuildWithAscend(base):
+        def build_extension(self, ext):
+            if ext.name != "vllm_bitcpm._ascend_kernels":
+                return super().build_extension(ext)
+            build_dir = os.path.abspath(os.path.join(self.build_temp, "ascend"))
+            out_dir = os.path.join(build_dir, "out")
+            suffix = self.get_ext_filename("x")[1:]
+            subprocess.check_call(["cmake", "-S", os.path.abspath("kernels/ascend"), "-B", build_dir,
+                                   f"-DSOC_VERSION={os.environ['SOC_VERSION']}",
+                                   f"-DPYTHON_EXECUTABLE={sys.executable}",
+                                   f"-DEXTENSION_SUFFIX={suffix}", f"-DOUTPUT_DIR={out_dir}"])
+            subprocess.check_call(["cmake", "--build", build_dir, "-j"])
+            target = self.get_ext_fullpath(ext.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(out_dir, "_ascend_kernels" + suffix), target)
+
+    return {
+        **kwargs,
+        "ext_modules": [*kwargs.get("ext_modules", []), Extension("vllm_bitcpm._ascend_kernels", [])],
+        "cmdclass": {**kwargs.get("cmdclass", {}), "build_ext": BuildWithAscend},
+    }
+
+
 setup(
     name="vllm-bitcpm",
     version="0.1.0",
@@ -67,5 +116,5 @@ setup(
         "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],
         "console_scripts": ["vllm-bitcpm = vllm_bitcpm.cli:main"],
     },
-    **_cpu_extension_kwargs(),
+    **_ascend_extension_kwargs(_cpu_extension_kwargs()),
 )

@@ -1,0 +1,49 @@
+"""The few places where the vLLM versions we support differ, in one module.
+
+Supported range: vLLM 0.18 (what vLLM-Ascend 0.18 pairs with) to 0.32 (the CPU build we test).
+Every hook the plugin uses has the same signature across that range (``QuantizationConfig``'s
+abstract methods, ``LinearMethodBase.create_weights/process_weights_after_loading/apply``,
+``register_quantization_config``, ``MiniCPMForCausalLM(vllm_config=..., prefix=...)`` reading
+``vllm_config.quant_config``, ``config.rope_parameters``). What differs is isolated here;
+``docs/ascend.md`` lists the versions read and run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+#: The device type vLLM-Ascend's ``NPUPlatform`` reports (``current_platform.device_type``).
+NPU_DEVICE_TYPE = "npu"
+
+
+def _current_platform():
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+@functools.lru_cache(maxsize=1)
+def on_npu() -> bool:
+    """Whether this process runs on vLLM-Ascend's NPU platform.
+
+    ``device_type`` is a class attribute of every vLLM platform in the supported range; reading
+    it resolves the platform (vLLM's platform plugins load first) but touches no device.
+    Cached: the platform never changes within a process. Tests patch this function to run the
+    NPU branch against an emulated ``torch_npu``.
+    """
+    return getattr(_current_platform(), "device_type", None) == NPU_DEVICE_TYPE
+
+
+def ensure_platform_supports(method: str) -> None:
+    """Make sure ``current_platform.supported_quantization`` accepts ``method``.
+
+    ``register_quantization_config`` appends a new name to a non-empty platform list (vLLM-Ascend's
+    ``NPUPlatform`` lists its own methods, so ``--quantization bitcpm`` would otherwise fail
+    ``verify_quantization``), but only the first time the name is registered: when something
+    registered it before the platform resolved, or re-registered it, the append is skipped. An empty
+    list means "everything is supported" and is left empty.
+    """
+    supported = getattr(_current_platform(), "supported_quantization", None)
+    if supported and method not in supported:
+        supported.append(method)
+
