@@ -1,27 +1,29 @@
-"""End-to-end vLLM throughput, stock vs plugin, side by side in one invocation.
+"""End-to-end vLLM throughput, latency and memory: stock vs plugin vs plugin-int8 in one invocation.
 
-    .venv/bin/python benchmarks/throughput.py                  # synthetic BitCPM4-0.5B shape
-    .venv/bin/python benchmarks/throughput.py --model PATH --threads 1 2
+    .venv/bin/python benchmarks/throughput.py                          # synthetic BitCPM4-0.5B shape
+    .venv/bin/python benchmarks/throughput.py --model PATH_OR_HUB_ID --threads 1 2
 
-For each model-thread count, stock vLLM and vLLM + bitcpm run in their own child process
-(plugins register process-wide) with the same settings: in-process engine, the model's OpenMP
-threads pinned with VLLM_CPU_OMP_THREADS_BIND, prefix caching off (repeated prompts would
-otherwise be served from cache), bf16. Measured per engine:
+The published BitCPM4 report's workload, for any platform. For each model-thread count, every
+side runs in its own child process with one in-process engine (benchmarks/engine_sides.py):
+the model's OpenMP threads pinned with VLLM_CPU_OMP_THREADS_BIND, prefix caching off (repeated
+prompts would otherwise be served from cache), bf16 unless --dtype says otherwise. Measured:
 
-* decode tok/s at batch 1 and batch 10: (time for 1 + N new tokens - time for 1) / N, so
-  prefill and the first step are not counted;
-* prefill tok/s of a 252-token prompt (max_tokens=1);
-* linear-weight memory, engine load time.
+* batch 10 with max_tokens 32 / 64 / 128: total time, input and output tok/s;
+* one request of 128 new tokens: end-to-end tok/s;
+* a 252-token prompt: prefill tok/s (max_tokens=1) and decode ms/token after it;
+* decode-only tok/s at batch 1 and 10: (time for N new tokens - time for 1) / (N - 1);
+* memory: all weight bytes (embedding included), linear weights, KV cache capacity and max
+  concurrency at 1024 tokens per request, process RSS; engine init time.
 
-Prints a Markdown table with plugin/stock ratios, writes JSON (and a PNG plot when matplotlib is
-installed) to benchmarks/results/. Numbers from a noisy 2-core machine: compare ratios taken in
-the same run.
+Times are medians over --repeats. Prints Markdown tables with ratios to stock, writes JSON and a
+PNG plot to benchmarks/results/. On a shared or noisy machine compare ratios from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -30,74 +32,192 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PREFILL_TOKENS = 252
+from engine_sides import (  # noqa: E402
+    RESULTS_DIR, SIDE_LABELS, TOKENS_PER_REQUEST, add_model_arguments, available_threads, engine_settings,
+    first_engine_info, machine, machine_name, resolve_model, run_sides,
+)
+
 BATCH = 10
+PREFILL_TOKENS = 252
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("throughput")
+    group.add_argument("--batch-max-tokens", type=int, nargs="+", default=[32, 64, 128],
+                       help=f"max_tokens of the batch-{BATCH} runs")
+    group.add_argument("--single-max-tokens", type=int, default=128, help="new tokens of the single request")
+    group.add_argument("--decode-tokens", type=int, default=64, help="new tokens after the 252-token prompt")
+    group.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the batch and single runs")
+    group.add_argument("--repeats", type=int, default=3)
+
+
+def measure_spec(args, vocab: int) -> dict:
+    return {"batch_max_tokens": args.batch_max_tokens, "single_max_tokens": args.single_max_tokens,
+            "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens,
+            "prefill_tokens": PREFILL_TOKENS, "batch": BATCH, "repeats": args.repeats, "vocab": vocab}
+
+
+def model_vocab(model: str) -> int:
+    """Vocabulary to draw random prompt ids from (token ids, so every side sees the same input)."""
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text())["vocab_size"] if config.exists() else 32000
+
+
+# --------------------------------------------------------------------------------------------
+# Child side: runs inside the engine process started by engine_sides
 
 
 def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
-    import random
-
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, vocab) for _ in range(length - 1)] for _ in range(count)]
 
 
-def child() -> None:
-    """One engine: warm up, then prefill and decode measurements (runs in the child process)."""
-    from vllm import LLM, SamplingParams
+def measure_engine(llm, spec: dict, scratch: str) -> dict:
+    """Time the report's workloads on a started engine; a flat dict of numbers."""
+    from vllm import SamplingParams
 
-    from vllm_bitcpm.sidebyside import emit_result, inspect_linear_layers, read_payload
-
-    spec = read_payload()
-    started = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], trust_remote_code=True,
-              enforce_eager=not spec["compile"], enable_prefix_caching=False,
-              kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.05,
-              max_model_len=1024, max_num_seqs=max(BATCH, 16), seed=0)
-    load_seconds = time.perf_counter() - started
     vocab = min(spec["vocab"], llm.get_tokenizer().vocab_size)
-    seed = iter(range(1000))
-
-    def timed(prompts, max_tokens):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return time.perf_counter() - t0
-
-    timed(_prompts(vocab, 1, 16, next(seed)), 8)  # warm-up
+    seeds = iter(range(1, 1_000_000))
     repeats = spec["repeats"]
-    prefill = [timed(_prompts(vocab, 1, PREFILL_TOKENS, next(seed)), 1) for _ in range(repeats)]
-    result = {"load_seconds": load_seconds,
-              "prefill_tok_per_s": PREFILL_TOKENS / statistics.median(prefill)}
-    n = spec["new_tokens"]
-    for batch in (1, BATCH):
-        first = [timed(_prompts(vocab, batch, 16, next(seed)), 1) for _ in range(repeats)]
-        full = [timed(_prompts(vocab, batch, 16, next(seed)), n + 1) for _ in range(repeats)]
-        decode_seconds = statistics.median(full) - statistics.median(first)
-        result[f"decode_b{batch}_tok_per_s"] = batch * n / decode_seconds
-    (layers, *_) = llm.apply_model(inspect_linear_layers)
-    result["linear_weight_mib"] = (layers["packed_bytes"] + layers["dense_bytes"]) / 2**20
-    result["packed_layers"] = layers["packed_layers"]
-    result["bits_per_packed_weight"] = layers["bits_per_packed_weight"]
-    emit_result(result)
+
+    def timed(count: int, length: int, max_tokens: int) -> float:
+        """Median seconds of ``repeats`` generate calls on fresh random prompts."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        times = []
+        for _ in range(repeats):
+            requests = [{"prompt_token_ids": p} for p in _prompts(vocab, count, length, next(seeds))]
+            t0 = time.perf_counter()
+            llm.generate(requests, params, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    batch, length = spec["batch"], spec["prompt_tokens"]
+    warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for count, prompt_length in ((batch, length), (1, length), (1, spec["prefill_tokens"])):
+        # Every prefill and decode shape once, so one-time costs (kernel selection, caches) stay out.
+        llm.generate([{"prompt_token_ids": p} for p in _prompts(vocab, count, prompt_length, 0)], warm_up,
+                     use_tqdm=False)
+
+    out: dict[str, float] = {}
+    first_batch = timed(batch, length, 1)
+    for n in spec["batch_max_tokens"]:
+        seconds = timed(batch, length, n)
+        out[f"batch{batch}_mt{n}_seconds"] = seconds
+        out[f"batch{batch}_mt{n}_output_tok_per_s"] = batch * n / seconds
+        out[f"batch{batch}_mt{n}_input_tok_per_s"] = batch * length / seconds
+    longest = max(spec["batch_max_tokens"])
+    out[f"decode_b{batch}_tok_per_s"] = _per_second(batch * (longest - 1),
+                                                    out[f"batch{batch}_mt{longest}_seconds"] - first_batch)
+
+    n = spec["single_max_tokens"]
+    single = timed(1, length, n)
+    out["single_seconds"] = single
+    out["single_tok_per_s"] = n / single
+    out["decode_b1_tok_per_s"] = _per_second(n - 1, single - timed(1, length, 1))
+
+    prefill = timed(1, spec["prefill_tokens"], 1)
+    out["prefill_seconds"] = prefill
+    out["prefill_tok_per_s"] = spec["prefill_tokens"] / prefill
+    d = spec["decode_tokens"]
+    decode_seconds = timed(1, spec["prefill_tokens"], d) - prefill
+    out["long_prompt_decode_ms_per_token"] = 1000 * decode_seconds / (d - 1) if d > 1 and decode_seconds > 0 else None
+    return out
 
 
-#: (name, plugin enabled, extra environment): stock, the default ternary path, the fast options.
-SIDES = [
-    ("stock", False, {}),
-    ("plugin", True, {}),
-    ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
-]
+def _per_second(tokens: int, seconds: float) -> float | None:
+    """Decode rate from a difference of two timings; None where noise made the difference useless."""
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
 
-METRICS = [
-    ("decode_b1_tok_per_s", "decode batch 1 (tok/s)", "{:.1f}"),
-    ("decode_b10_tok_per_s", f"decode batch {BATCH}, total (tok/s)", "{:.1f}"),
-    ("prefill_tok_per_s", f"prefill {PREFILL_TOKENS}-token prompt (tok/s)", "{:.0f}"),
-    ("linear_weight_mib", "linear weights (MiB)", "{:.1f}"),
-    ("load_seconds", "engine load (s)", "{:.1f}"),
-]
+
+# --------------------------------------------------------------------------------------------
+# Parent side: tables, ratios, plot
+
+
+def flat_metrics(side_result: dict) -> dict:
+    """One side's throughput numbers and its engine's memory figures, in one flat dict."""
+    if "error" in side_result:
+        return {"error": side_result["error"]}
+    weights = side_result["weights"]
+    return {
+        **side_result["throughput"],
+        "weight_gib": weights["total_bytes"] / 2**30,
+        "linear_weight_mib": weights["linear_bytes"] / 2**20,
+        "packed_layers": weights["packed_layers"],
+        "dense_layers": weights["dense_layers"],
+        "bits_per_packed_weight": weights["bits_per_packed_weight"],
+        "kv_cache_tokens": side_result.get("kv_cache_tokens"),
+        "max_concurrency": side_result.get("max_concurrency"),
+        "rss_gib_after_load": side_result["rss_bytes_after_load"] / 2**30,
+        "init_seconds": side_result["init_seconds"],
+        "child_seconds": side_result.get("child_seconds"),
+        "plugin_log": side_result.get("plugin_log"),
+        "env": side_result.get("env"),
+        "model_threads_bind": side_result["model_threads_bind"],
+    }
+
+
+def metric_rows(spec: dict) -> list[tuple[str, str, str]]:
+    """(key, label, format) of every reported metric, in table order."""
+    b, p = spec["batch"], spec["prefill_tokens"]
+    rows = []
+    for n in spec["batch_max_tokens"]:
+        rows += [(f"batch{b}_mt{n}_seconds", f"batch {b} x {n} tokens: total (s)", "{:.2f}"),
+                 (f"batch{b}_mt{n}_output_tok_per_s", f"batch {b} x {n} tokens: output (tok/s)", "{:.1f}"),
+                 (f"batch{b}_mt{n}_input_tok_per_s", f"batch {b} x {n} tokens: input (tok/s)", "{:.1f}")]
+    rows += [
+        ("single_tok_per_s", f"single request, {spec['single_max_tokens']} tokens (tok/s)", "{:.1f}"),
+        ("decode_b1_tok_per_s", "decode only, batch 1 (tok/s)", "{:.1f}"),
+        (f"decode_b{b}_tok_per_s", f"decode only, batch {b} (tok/s)", "{:.1f}"),
+        ("prefill_tok_per_s", f"prefill, {p}-token prompt (tok/s)", "{:.0f}"),
+        ("long_prompt_decode_ms_per_token", f"decode after {p}-token prompt (ms/token)", "{:.2f}"),
+        ("weight_gib", "weights, all incl. embedding (GiB)", "{:.3f}"),
+        ("linear_weight_mib", "linear-layer weights (MiB)", "{:.1f}"),
+        ("kv_cache_tokens", "KV cache capacity (tokens)", "{:,.0f}"),
+        ("max_concurrency", f"max concurrency at {TOKENS_PER_REQUEST} tokens/request", "{:.1f}x"),
+        ("rss_gib_after_load", "process RSS after load (GiB)", "{:.2f}"),
+        ("init_seconds", "engine init (s)", "{:.1f}"),
+    ]
+    return rows
+
+
+def _cell(fmt: str, value) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown_tables(result: dict) -> str:
+    """One table per thread count: every metric per side and its ratio to stock."""
+    lines = []
+    for threads, runs in result["runs"].items():
+        sides = list(runs)
+        lines += [f"**{threads} model thread(s)** (`VLLM_CPU_OMP_THREADS_BIND={runs[sides[0]].get('model_threads_bind', '?')}`)", ""]
+        failed = [s for s in sides if "error" in runs[s]]
+        for side in failed:
+            lines.append(f"- {side} failed: {runs[side]['error']}")
+        sides = [s for s in sides if s not in failed]
+        header = ["metric"]
+        for side in sides:
+            header += [SIDE_LABELS[side]] + (["ratio"] if side != "stock" and "stock" in sides else [])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, label, fmt in metric_rows(result["spec"]):
+            if not any(runs[s].get(key) is not None for s in sides):
+                continue
+            cells = [label]
+            for side in sides:
+                value = runs[side].get(key)
+                cells.append(_cell(fmt, value))
+                if side != "stock" and "stock" in sides:
+                    base = runs["stock"].get(key)
+                    cells.append(f"{value / base:.2f}x" if value is not None and base else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PLOTTED = ["batch10_mt{n}_output_tok_per_s", "single_tok_per_s", "prefill_tok_per_s", "weight_gib"]
 
 
 def plot(result: dict, path: Path) -> bool:
+    """Bars per side for the headline metrics (one panel each), grouped by thread count."""
     try:
         import matplotlib
 
@@ -105,83 +225,72 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = [k for k, _, _ in METRICS[:3]]
+    spec = result["spec"]
+    labels = {k: label for k, label, _ in metric_rows(spec)}
+    keys = [k.format(n=max(spec["batch_max_tokens"])) for k in PLOTTED]
     runs = result["runs"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    threads = list(runs)
+    sides = [s for s in next(iter(runs.values())) if all("error" not in runs[t][s] for t in threads)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4))
+    width = 0.8 / max(len(sides), 1)
     for ax, key in zip(axes, keys):
-        threads = sorted(runs, key=int)
-        width = 0.27
-        for i, (side, _, _) in enumerate(SIDES):
-            xs = [j + (i - 1) * width for j in range(len(threads))]
-            ax.bar(xs, [runs[t][side][key] for t in threads], width, label=side)
+        for i, side in enumerate(sides):
+            xs = [j + (i - (len(sides) - 1) / 2) * width for j in range(len(threads))]
+            ax.bar(xs, [runs[t][side].get(key) or 0 for t in threads], width, label=SIDE_LABELS[side])
         ax.set_xticks(range(len(threads)), [f"{t} thread(s)" for t in threads])
-        ax.set_title(next(label for k, label, _ in METRICS if k == key), fontsize=9)
-    axes[0].legend()
-    fig.suptitle(f"vLLM {result['machine']['vllm']}: stock vs bitcpm ({Path(result['model']).name})", fontsize=10)
+        ax.set_title(labels[key], fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{Path(result['model']).name}, {result['settings']['dtype']}: {machine_name(result['machine'])}",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
+
+
+def assemble(model: str, settings: dict, spec: dict, runs: dict, info: dict) -> dict:
+    """The throughput JSON: inputs, machine, per-thread per-side metrics, ratios to stock."""
+    ratios = {}
+    for threads, sides in runs.items():
+        stock = sides.get("stock", {})
+        ratios[threads] = {
+            side: {k: v / stock[k] for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and isinstance(stock.get(k), (int, float)) and stock[k]}
+            for side, metrics in sides.items() if side != "stock" and "error" not in metrics
+        } if "error" not in stock else {}
+    return {"model": model, "settings": settings, "spec": spec, "machine": info,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "threads_bind": "model threads pinned with VLLM_CPU_OMP_THREADS_BIND (first N allowed CPUs); "
+                            "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)",
+            "runs": runs, "ratios": ratios}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help="checkpoint path or hub id (default: synthetic --shape)")
-    parser.add_argument("--shape", default="bitcpm4-0.5b")
-    parser.add_argument("--checkpoints", default="checkpoints", help="cache of synthetic checkpoints")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
-    parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
+    add_model_arguments(parser)
+    add_arguments(parser)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2] if available_threads() >= 2 else [1],
+                        help="model thread counts to run (each one engine per side)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "throughput.json"))
     args = parser.parse_args()
-    if args.child:
-        return child()
 
-    from load_and_memory import machine
+    from tqdm import tqdm
 
-    from vllm_bitcpm import synthetic
-    from vllm_bitcpm.sidebyside import run_child
-
-    model = args.model
-    if model is None:
-        model = str(Path(args.checkpoints) / f"synthetic-{args.shape}")
-        if not (Path(model) / "config.json").exists():
-            synthetic.write_checkpoint(model, shape=args.shape, granularity="per_row", progress=True)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"] if Path(model).is_dir() else 32000
-    spec = {"model": model, "dtype": args.dtype, "compile": args.compile, "vocab": vocab,
-            "new_tokens": args.new_tokens, "repeats": args.repeats}
+    model = resolve_model(args)
+    settings = engine_settings(args)
+    spec = measure_spec(args, model_vocab(model))
     runs: dict[str, dict] = {}
-    for threads in args.threads:
-        bind = "0" if threads == 1 else f"0-{threads - 1}"
-        runs[str(threads)] = {}
-        for side, plugin, env in SIDES:
-            print(f"[{threads} thread(s)] {side} ...", flush=True)
-            result, log = run_child([sys.executable, __file__, "--child"], spec, plugin, timeout=3600,
-                                    extra_env={"VLLM_CPU_OMP_THREADS_BIND": bind, **env})
-            runs[str(threads)][side] = result
-
-    print(f"\n### {Path(model).name}, {args.dtype}, {'compiled' if args.compile else 'eager'}\n")
-    print("bitcpm = default (exact activations, bf16 head); bitcpm-int8 = int8 activations + int8 head\n")
-    for t in runs:
-        print(f"**{t} model thread(s)**\n")
-        print("| metric | stock | bitcpm | ratio | bitcpm-int8 | ratio |\n|---|---|---|---|---|---|")
-        for key, label, fmt in METRICS:
-            s = runs[t]["stock"][key]
-            cells = [fmt.format(s)]
-            for side in ("plugin", "plugin-int8"):
-                p = runs[t][side][key]
-                cells += [fmt.format(p), f"{p / s:.2f}x"]
-            print(f"| {label} | " + " | ".join(cells) + " |")
-        print()
-    result = {"model": model, "spec": spec, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "threads_bind": "VLLM_CPU_OMP_THREADS_BIND=0 (1 thread) / 0-1 (2 threads), in-process engine",
-              "runs": runs}
+    with tqdm(total=len(args.threads) * len(args.sides), unit="engine") as bar:
+        for threads in args.threads:
+            sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar)
+            runs[str(threads)] = {side: flat_metrics(r) for side, r in sides.items()}
+    result = assemble(model, settings, spec, runs, machine(first_engine_info(sides)))
+    print(f"\n### Throughput: {Path(model).name}, {args.dtype}, {'compiled' if args.compile else 'eager'}\n")
+    print(markdown_tables(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print(f"wrote {out}")
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
 

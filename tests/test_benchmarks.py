@@ -1,0 +1,122 @@
+"""The benchmark suite runs end to end on a tiny synthetic model and its JSON makes sense.
+
+One ``benchmarks/report.py --smoke`` run (one engine child per side: stock, plugin, plugin-int8;
+accuracy and throughput on the same engine) feeds every check; the rest renders from its JSON
+or fails before any engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIGURES
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SIDES = ("stock", "plugin", "plugin-int8")
+
+
+def _benchmark_module(name: str):
+    """Import a benchmarks/ script as a module (they import each other by bare name)."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "report.py"), "--smoke", "--results-dir", str(out),
+         "--checkpoints", str(out / "checkpoints")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text()), out, proc.stdout
+
+
+def test_smoke_writes_every_output(smoke):
+    report, out, stdout = smoke
+    for name in ("report.json", "REPORT.md", "README_results.md", "report-accuracy.png", "report-throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| top-1 match |" in stdout and "prefill, 252-token prompt" in stdout
+    readme = (out / "README_results.md").read_text()
+    assert readme.startswith("## Results") and report["throughput"]["machine"]["cpu"] in readme
+    assert report["smoke"] and report["synthetic"] == "tiny"
+
+
+def test_smoke_machine_and_settings_are_recorded(smoke):
+    report, _, _ = smoke
+    tp = report["throughput"]
+    assert {"cpu", "cores", "isa", "torch", "vllm", "platform"} <= set(tp["machine"])
+    assert tp["machine"]["platform"] == "cpu"
+    assert tp["settings"]["dtype"] == "bfloat16" and tp["settings"]["max_model_len"] == 1024
+    for side in SIDES:  # one model thread each, pinned to one of this machine's CPUs
+        assert int(tp["runs"]["1"][side]["model_threads_bind"]) in os.sched_getaffinity(0)
+
+
+def test_smoke_accuracy_fields(smoke):
+    report, _, _ = smoke
+    acc = report["accuracy"]
+    assert len(acc["prompts"]) == 7 and acc["reference"]["kind"] == "minicpm"
+    assert set(acc["candidates"]) == set(SIDES)
+    for side, cand in acc["candidates"].items():
+        assert "error" not in cand, (side, cand.get("error"))
+        s = cand["summary"]
+        for key in ("top1_match_rate", "top5_inclusion_rate", "mean_top1_prob_rel_error"):
+            assert 0.0 <= s[key] <= 1.0, (side, key, s[key])
+        assert 0 <= s["mean_top10_overlap"] <= 10
+        # Full-vocabulary log-probs came back, so the full-distribution metrics exist.
+        assert s["mean_kl"] is not None and 0.0 <= s["mean_kl"] < 1.0, (side, s["mean_kl"])
+        assert 0.0 <= s["max_abs_error"] <= 1.0 and s["mean_rmse"] >= 0.0
+        vocab = json.loads((Path(report["model"]) / "config.json").read_text())["vocab_size"]
+        assert cand["logprobs_returned"] == [vocab] * 7
+        for row in cand["per_prompt"]:
+            assert 0.0 < row["ref_top1_prob"] <= 1.0 and 0.0 < row["cand_top1_prob"] <= 1.0
+            assert len(row["top10"]) == 10
+    summary = acc["candidates"]["plugin"]["summary"]
+    FIGURES.append(f"benchmark smoke (tiny, bf16) plugin vs float32: top-1 {summary['top1_match_rate']:.0%}, "
+                   f"mean KL {summary['mean_kl']:.1e}")
+
+
+def test_smoke_throughput_fields(smoke):
+    report, _, _ = smoke
+    runs = report["throughput"]["runs"]["1"]
+    for side in SIDES:
+        r = runs[side]
+        assert "error" not in r, (side, r.get("error"))
+        for key in ("batch10_mt4_output_tok_per_s", "batch10_mt4_input_tok_per_s", "single_tok_per_s",
+                    "prefill_tok_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (side, key, r[key])
+        assert r["kv_cache_tokens"] > 0 and r["max_concurrency"] > 0 and r["init_seconds"] > 0
+    stock, plugin = runs["stock"], runs["plugin"]
+    assert plugin["weight_gib"] < stock["weight_gib"]
+    assert plugin["linear_weight_mib"] < 0.2 * stock["linear_weight_mib"]
+    assert plugin["packed_layers"] > 0 and stock["packed_layers"] == 0
+    assert 2.0 < plugin["bits_per_packed_weight"] < 2.2
+    ratios = report["throughput"]["ratios"]["1"]["plugin"]
+    assert ratios["weight_gib"] == pytest.approx(plugin["weight_gib"] / stock["weight_gib"])
+
+
+def test_report_rerenders_from_json(smoke, tmp_path):
+    _, out, _ = smoke
+    report_script = _benchmark_module("report")
+    report_script.main(["--from-json", str(out / "report.json"), "--results-dir", str(tmp_path)])
+    assert (tmp_path / "README_results.md").read_text() == (out / "README_results.md").read_text()
+    assert (tmp_path / "report-accuracy.png").stat().st_size > 0
+
+
+def test_transformers_reference_fails_clearly_without_modelling_code(smoke):
+    report, _, _ = smoke
+    accuracy = _benchmark_module("accuracy")
+    with pytest.raises(SystemExit, match="--reference transformers: cannot load"):
+        accuracy.reference_logits(report["model"], [[1, 2, 3]], "transformers", "float32", 1024, True)
