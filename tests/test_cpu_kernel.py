@@ -3,7 +3,6 @@ PyTorch reference, on every ISA path the running CPU can execute (scalar, avx2, 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -28,17 +27,11 @@ def isa(request):
     return request.param
 
 
+from tests.test_op import random_packed  # noqa: E402  (same operands as the op tests)
+
+
 def kernel(x, codes, scales, group_size, bias=None, int8=False, isa="auto"):
     return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, bias, int8, isa)
-
-
-def random_packed(n, k, group_size, scale_dtype, seed=0, scale_range=(0.5, 1.5)):
-    gen = torch.Generator().manual_seed(seed)
-    trits = torch.randint(-1, 2, (n, k), generator=gen)
-    groups = math.ceil(k / group_size)
-    lo, hi = scale_range
-    scales = (torch.rand(n, groups, generator=gen) * (hi - lo) + lo).to(scale_dtype)
-    return ternary.pack_codes(trits), scales, trits
 
 
 def dense64(trits, scales, group_size):
