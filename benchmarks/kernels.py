@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -30,32 +30,16 @@ from vllm_bitcpm.ops import reference
 SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
 LAYERS = 24
 MS = (1, 10, 252)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
 
 
 def machine_info() -> dict:
-    model, flags = platform.processor(), []
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
-    return {
-        "cpu_model": model,
-        "logical_cpus": torch.multiprocessing.cpu_count() if hasattr(torch, "multiprocessing") else None,
-        "isa_flags": [f for f in wanted if f in flags],
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "kernel_isa": cpu_kernel.ISA,
-    }
+    """The shared machine description plus what only the kernel benchmark knows."""
+    from engine_sides import machine
 
+    return {**machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "kernel_isa": cpu_kernel.ISA}
 
 def timeit(fn, min_time=0.25, min_reps=5, max_reps=2000) -> float:
     """Median seconds per call over repeats lasting at least ``min_time``."""

@@ -13,35 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> dict:
-    import torch
-
-    import vllm
-
-    flags = ""
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    model_name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                       if l.startswith("model name")), platform.processor())
-    return {
-        "cpu": model_name,
-        "cores": os.cpu_count(),
-        "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f" {f}" in flags],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-    }
+sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
@@ -107,6 +84,8 @@ def main() -> None:
     print(f"| greedy decode, batch 1 (tok/s) | {stock['decode_tok_per_s']:.2f} | {plugin['decode_tok_per_s']:.2f} "
           f"| {plugin['decode_tok_per_s'] / stock['decode_tok_per_s']:.2f}x |")
     print(f"\nplugin log: {plugin['summary_log_line']}")
+    from engine_sides import machine
+
     result = {"model": model, "dtype": args.dtype, "decode_tokens": args.decode_tokens,
               "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def main() -> None:
     if args.child:
         return child()
 
-    from load_and_memory import machine
+    from engine_sides import machine
 
     from vllm_bitcpm import packed_checkpoint, synthetic
     from vllm_bitcpm.sidebyside import run_child
