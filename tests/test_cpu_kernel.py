@@ -1,5 +1,6 @@
 """The C++ CPU kernel of bitcpm::ternary_linear (kernels/cpu/) against float64 oracles and the
-PyTorch reference, on every ISA path the running CPU can execute (scalar, avx2, avx512)."""
+PyTorch reference, on every ISA path the running CPU can execute (scalar, avx2, avx512,
+avx512bf16)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     "(pip install --no-build-isolation -e . with torch installed)",
 )
 
-ALL_ISAS = ["scalar", "avx2", "avx512"]
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.fixture(params=ALL_ISAS)
@@ -140,22 +141,27 @@ def test_zero_rows_and_extreme_scales(isa, m, int8):
         assert torch.equal(y[1], torch.zeros(n)) and torch.equal(y[:, 3], torch.zeros(m))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [2, 40])
-def test_nan_and_inf_propagate_like_dense_matmul(isa, m):
-    k, n = 200, 16
-    codes, scales, trits = random_packed(n, k, 64, torch.float32)
+def test_nan_and_inf_propagate_like_dense_matmul(isa, m, dtype):
+    k, n, gs = 200, 16, 64 if dtype == torch.float32 else 128  # bf16, 128: the AVX512-BF16 path
+    codes, scales, trits = random_packed(n, k, gs, torch.float32)
     x = torch.randn(m, k)
     x[0, 3] = float("nan")
     x[1, 5] = float("inf")
     x[1, 150] = float("-inf")  # second half of the row: +inf and -inf meet in one sum
     x[m - 1, 199] = float("-inf")
-    dense = x @ (trits.float() * scales.repeat_interleave(64, dim=1)[:, :k]).T
-    y = kernel(x, codes, scales, 64, None, False, isa)
+    x = x.to(dtype)
+    dense = x.float() @ (trits.float() * scales.repeat_interleave(gs, dim=1)[:, :k]).T
+    y = kernel(x, codes, scales, gs, None, False, isa).float()
+    if dtype != torch.float32:
+        dense = dense.to(dtype).float()
     assert torch.equal(torch.isnan(y), torch.isnan(dense))
     assert torch.equal(torch.isinf(y), torch.isinf(dense))
     assert torch.equal(torch.signbit(y[torch.isinf(y)]), torch.signbit(dense[torch.isinf(dense)]))
     finite = torch.isfinite(dense)
-    torch.testing.assert_close(y[finite], dense[finite], rtol=1e-5, atol=1e-4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y[finite], dense[finite], rtol=tol, atol=tol * 10)
 
 
 @pytest.mark.parametrize("m", [3, 40])
@@ -218,3 +224,44 @@ def test_isa_helpers():
     assert isas[0] == "scalar"
     assert str(torch.ops.bitcpm_cpu.current_isa()).split("+")[0] == isas[-1]
     assert cpu_kernel.ISA is not None
+
+
+# The AVX512-BF16 paths (bf16 activations, exact mode): decode (M < 32, whole-row or >= 128-wide
+# groups) and prefill (bf16 scales):
+# K with an odd number of 128-weight blocks (a half chunk), groups spanning chunks and halves.
+BF16_CASES = [
+    (1, 1024, 1280, 1024),
+    (1, 129, 33, 129),
+    (3, 300, 17, 128),
+    (7, 1000, 65, 256),
+    (31, 4096, 100, 512),
+    (1, 4096, 1024, 128),
+    (5, 384, 40, 128),
+    (2, 1000, 33, 1000),
+    (9, 640, 24, 256),
+    (10, 1024, 33, 1024),  # whole-row scales, several tokens: two rows per pass, odd row count
+    (8, 129, 20, 129),
+    (3, 4096, 7, 4096),
+    (40, 129, 33, 32),  # prefill (M >= 32): rows dequantized to bf16 for at::mm, any group >= 32
+    (64, 1000, 33, 64),
+    (300, 1024, 40, 128),
+    (33, 640, 17, 640),
+]
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BF16_CASES, ids=[f"m{m}-k{k}-n{n}-g{g}" for m, k, n, g in BF16_CASES])
+def test_bf16_path_is_exact_up_to_the_output_rounding(case, scale_dtype):
+    """Products of bf16 activations and ternary weights are exact in fp32, so the only errors are
+    fp32 summation (bounded by K * 2^-24 * sum|x*w|) and the final rounding to bf16 (2^-8)."""
+    if "avx512bf16" not in cpu_kernel.isa_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    m, k, n, gs = case
+    codes, scales, trits = random_packed(n, k, gs, scale_dtype, seed=k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16)
+    y = kernel(x, codes, scales, gs, None, False, "avx512bf16")
+    assert y.dtype == torch.bfloat16
+    expected = exact_oracle(x, trits, scales, gs)
+    abs_dot = x.abs().to(torch.float64) @ dense64(trits, scales, gs).abs().T
+    bound = 2.0**-8 * expected.abs() + k * 2.0**-24 * abs_dot
+    assert bool(((y.to(torch.float64) - expected).abs() <= bound).all())

@@ -18,7 +18,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
 
-from vllm_bitcpm import checkpoint_files
+from vllm_bitcpm import checkpoint_files, cpu_fused
 from vllm_bitcpm.quantization import BitCPMConfig
 
 
@@ -40,14 +40,23 @@ class BitCPMForCausalLM(MiniCPMForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         if vllm_config.quant_config is not None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.bitcpm_quant_config = vllm_config.quant_config
             return
         quant_config = BitCPMConfig.for_unflagged_checkpoint()
         quant_config.packed_modules_mapping = dict(self.packed_modules_mapping)
         with _layers_built_with(vllm_config, quant_config):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.bitcpm_quant_config = quant_config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Check local safetensors files before vLLM reads them, so a truncated or corrupt file
         # fails with its name and the tensor that is cut off instead of a parser error.
         checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
-        return super().load_weights(weights)
+        loaded = super().load_weights(weights)
+        cpu_fused.install(self, self._has_ternary_layers)
+        return loaded
+
+    def _has_ternary_layers(self) -> bool:
+        """Whether the bitcpm method packed any layer (known once the weights are processed)."""
+        config = self.bitcpm_quant_config
+        return isinstance(config, BitCPMConfig) and config.report.packed_layers > 0

@@ -44,7 +44,7 @@ constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many token
 constexpr float kInvNumerator = 127.0f;
 constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
@@ -60,8 +60,14 @@ bool cpu_has_vnni() {
   return __builtin_cpu_supports("avx512vnni");
 }
 
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 Isa best_isa() {
   static const Isa isa = [] {
+    if (cpu_has_avx512bf16()) return Isa::kAvx512Bf16;
     if (cpu_has_avx512()) return Isa::kAvx512;
     if (cpu_has_avx2()) return Isa::kAvx2;
     return Isa::kScalar;
@@ -71,6 +77,7 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -88,6 +95,9 @@ struct Ctx {
   // exact mode
   const float* x;         // (M, K) natural order (scalar path)
   const float* xp;        // (M, Kp) permuted, zero padded (SIMD paths)
+  // exact mode, bf16 activations (AVX512-BF16 path)
+  const uint16_t* xb;     // (M, Kc) bf16 bits, permuted into the bf16 decode order, zero padded
+  int64_t Kc;             // nchunk * 256
   // int8 mode
   const int8_t* q;        // (M, Kp) natural order, zero padded
   const int32_t* qsum;    // (M, G)
@@ -593,6 +603,216 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// AVX512-BF16 path: exact mode with bf16 activations (the engine's dtype for BitCPM4), decode.
+// A 64-byte load covers two blocks (a 256-weight chunk) as 32 16-bit words. `vpsrlw` by 2t then
+// `vpermw` from a table {-1, 0, +1, 0} (repeated: vpermw reads the low 5 bits of each word, i.e.
+// the code plus 3 bits of the next fields) gives 32 ternary weights as bf16, exactly; `vdpbf16ps`
+// multiplies them with 32 bf16 activations (products exact in fp32) and adds pairs into 16 fp32
+// lanes. So 3 instructions per 32 weights, against 3 per 16 for the fp32 path. Word w of step t
+// holds element 128*(w/16) + e(w%16, t), e(l, t) = t < 4 ? 2l + 32t : 2l + 1 + 32(t - 4), and x is
+// permuted once per call into that order. The scale is applied per 128-weight half-chunk group,
+// so this path needs G == 1 or group_size >= 128 (others take the fp32 path).
+
+constexpr int64_t kChunkWeights = 256;
+
+// Offset within a chunk of the element that word w of step t decodes.
+inline int64_t bf16_chunk_element(int t, int w) {
+  const int l = w % 16;
+  return 128 * (w / 16) + (t < 4 ? 2 * l + 32 * t : 2 * l + 1 + 32 * (t - 4));
+}
+
+void permute_x_bf16(const Ctx& c, const uint16_t* x, uint16_t* xb) {
+  static const std::vector<int64_t> order = [] {
+    std::vector<int64_t> o(kChunkWeights);
+    for (int t = 0; t < 8; ++t)
+      for (int w = 0; w < 32; ++w) o[32 * t + w] = bf16_chunk_element(t, w);
+    return o;
+  }();
+  const int64_t nchunk = c.Kc / kChunkWeights;
+  for (int64_t m = 0; m < c.M; ++m) {
+    const uint16_t* xr = x + m * c.K;
+    uint16_t* o = xb + m * c.Kc;
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const int64_t base = ch * kChunkWeights;
+      if (base + kChunkWeights <= c.K) {
+        for (int64_t i = 0; i < kChunkWeights; ++i) o[base + i] = xr[base + order[i]];
+      } else {
+        for (int64_t i = 0; i < kChunkWeights; ++i) {
+          const int64_t k = base + order[i];
+          o[base + i] = k < c.K ? xr[k] : uint16_t(0);
+        }
+      }
+    }
+  }
+}
+
+// tot += (sum of the chains) * scales, lanes 0-7 from the chunk's first block (group scale
+// s_lo), lanes 8-15 from its second (s_hi); the chains restart at zero.
+template <int MB, int A>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) inline void bf16_flush(
+    __m512 (&acc)[MB][A], __m512 (&tot)[MB], float s_lo, float s_hi) {
+  const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s_lo), _mm512_set1_ps(s_hi));
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    __m512 t = acc[m][0];
+#pragma GCC unroll 4
+    for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
+    tot[m] = _mm512_fmadd_ps(t, sv, tot[m]);
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  }
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void exact_rows_bf16_t(
+    const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float* sbuf) {
+  const __m512i table = _mm512_set1_epi64(0x00003F800000BF80LL);  // words {-1, 0, +1, 0} in bf16
+  const int64_t nchunk = c.Kc / kChunkWeights;
+  const bool odd_tail = (c.nblk & 1) != 0;  // the last chunk has one block: load 32 bytes only
+  constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);  // accumulator chains per token
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_scales(c, n, sbuf);
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    const uint16_t* xrow = c.xb + m0 * c.Kc;
+    __m512 acc[MB][A], tot[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      tot[m] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+    }
+    // Groups of the two half-chunks whose partial sums are in acc (G > 1 only).
+    int64_t g_lo = -1, g_hi = -1;
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      if (c.G > 1) {
+        const int64_t lo = group_of(c, ch * kChunkWeights), hi = group_of(c, ch * kChunkWeights + kBlockWeights);
+        if (lo != g_lo || hi != g_hi) {
+          if (g_lo >= 0) bf16_flush<MB, A>(acc, tot, sbuf[g_lo], sbuf[g_hi]);
+          g_lo = lo;
+          g_hi = hi;
+        }
+      }
+      const uint8_t* src = row + ch * 2 * kBlockBytes;
+      const __m512i d = (odd_tail && ch == nchunk - 1) ? _mm512_maskz_loadu_epi16(0xFFFF, src)
+                                                       : _mm512_loadu_si512(src);
+      const uint16_t* xk = xrow + ch * kChunkWeights;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512i w = _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 2 * t), table);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_loadu_si512(xk + m * c.Kc + 32 * t);
+          acc[m][t % A] = _mm512_dpbf16_ps(acc[m][t % A], (__m512bh)w, (__m512bh)xv);
+        }
+      }
+    }
+    if (c.G > 1) {
+      bf16_flush<MB, A>(acc, tot, sbuf[g_lo], sbuf[g_hi]);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) c.y[(m0 + m) * c.N + n] = _mm512_reduce_add_ps(tot[m]);
+    } else {
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        __m512 t = acc[m][0];
+#pragma GCC unroll 4
+        for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
+        c.y[(m0 + m) * c.N + n] = _mm512_reduce_add_ps(t) * sbuf[0];
+      }
+    }
+  }
+}
+
+// Whole-row scales (G == 1), several tokens: two rows per pass, so each activation vector loaded
+// feeds two `vdpbf16ps` (the single-row loop is bound by those loads once MB > 2).
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void exact_row_pairs_bf16_t(
+    const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float* sbuf) {
+  const __m512i table = _mm512_set1_epi64(0x00003F800000BF80LL);
+  const int64_t nchunk = c.Kc / kChunkWeights;
+  const bool odd_tail = (c.nblk & 1) != 0;
+  constexpr int A = MB <= 2 ? 2 : 1;
+  const uint16_t* xrow = c.xb + m0 * c.Kc;
+  int64_t n = n0;
+  for (; n + 1 < n1; n += 2) {
+    const uint8_t* row0 = c.codes + n * c.row_bytes;
+    const uint8_t* row1 = row0 + c.row_bytes;
+    __m512 acc0[MB][A], acc1[MB][A];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 2
+      for (int a = 0; a < A; ++a) acc0[m][a] = acc1[m][a] = _mm512_setzero_ps();
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const bool half = odd_tail && ch == nchunk - 1;
+      const __m512i d0 = half ? _mm512_maskz_loadu_epi16(0xFFFF, row0 + ch * 2 * kBlockBytes)
+                              : _mm512_loadu_si512(row0 + ch * 2 * kBlockBytes);
+      const __m512i d1 = half ? _mm512_maskz_loadu_epi16(0xFFFF, row1 + ch * 2 * kBlockBytes)
+                              : _mm512_loadu_si512(row1 + ch * 2 * kBlockBytes);
+      const uint16_t* xk = xrow + ch * kChunkWeights;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512i w0 = _mm512_permutexvar_epi16(_mm512_srli_epi16(d0, 2 * t), table);
+        const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(d1, 2 * t), table);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + m * c.Kc + 32 * t);
+          acc0[m][t % A] = _mm512_dpbf16_ps(acc0[m][t % A], (__m512bh)w0, xv);
+          acc1[m][t % A] = _mm512_dpbf16_ps(acc1[m][t % A], (__m512bh)w1, xv);
+        }
+      }
+    }
+    load_row_scales(c, n, sbuf);
+    const float s0 = sbuf[0];
+    load_row_scales(c, n + 1, sbuf);
+    const float s1 = sbuf[0];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      __m512 t0 = acc0[m][0], t1 = acc1[m][0];
+#pragma GCC unroll 2
+      for (int a = 1; a < A; ++a) {
+        t0 = _mm512_add_ps(t0, acc0[m][a]);
+        t1 = _mm512_add_ps(t1, acc1[m][a]);
+      }
+      c.y[(m0 + m) * c.N + n] = _mm512_reduce_add_ps(t0) * s0;
+      c.y[(m0 + m) * c.N + n + 1] = _mm512_reduce_add_ps(t1) * s1;
+    }
+  }
+  if (n < n1) exact_rows_bf16_t<MB>(c, n, n1, m0, sbuf);
+}
+
+// Prefill with bf16 activations and bf16 scales: dequantize rows straight to bf16 (t*s is exact
+// in bf16) in the same permuted order as xb, for at::mm. Per step, `vpermw` from {-s, 0, s, 0}
+// of the low half's group, then a masked `vpermw` from the high half's table: any group size
+// >= 32 works, since a step's 16 words per half lie in one 32-element quarter of one block.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_bf16(const Ctx& c, int64_t n0,
+                                                                                    int64_t n1, uint16_t* out) {
+  const int64_t nchunk = c.Kc / kChunkWeights;
+  const bool odd_tail = (c.nblk & 1) != 0;
+  auto table_of = [](uint16_t s) {
+    const uint64_t neg = uint64_t(s ^ 0x8000u), pos = uint64_t(s);
+    return neg | (pos << 32);  // words {-s, 0, +s, 0}
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* sc = static_cast<const uint16_t*>(c.scales) + n * c.G;
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    uint16_t* o = out + (n - n0) * c.Kc;
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const uint8_t* src = row + ch * 2 * kBlockBytes;
+      const __m512i d = (odd_tail && ch == nchunk - 1) ? _mm512_maskz_loadu_epi16(0xFFFF, src)
+                                                       : _mm512_loadu_si512(src);
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const int64_t k = ch * kChunkWeights + 32 * (t % 4);
+        const __m512i lo = _mm512_set1_epi64(static_cast<long long>(table_of(sc[group_of(c, k)])));
+        const __m512i hi = _mm512_set1_epi64(static_cast<long long>(table_of(sc[group_of(c, k + kBlockWeights)])));
+        const __m512i idx = _mm512_srli_epi16(d, 2 * t);
+        const __m512i w = _mm512_mask_permutexvar_epi16(_mm512_permutexvar_epi16(idx, lo), 0xFFFF0000u, idx, hi);
+        _mm512_storeu_si512(o + ch * kChunkWeights + 32 * t, w);
+      }
+    }
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_avx512(const Ctx& c, int64_t n0,
                                                                                       int64_t n1, float* out,
                                                                                       int64_t ld, float* sbuf) {
@@ -700,12 +920,14 @@ RowFn pick_mb(int mb) {
 }
 template <int MB> struct ExactAvx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx2_t<MB>(c, a, b, m, s); } };
 template <int MB> struct ExactAvx512 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx512_t<MB>(c, a, b, m, s); } };
+template <int MB> struct ExactBf16 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_bf16_t<MB>(c, a, b, m, s); } };
+template <int MB> struct ExactBf16Pairs { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_row_pairs_bf16_t<MB>(c, a, b, m, s); } };
 template <int MB> struct Int8Avx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { int8_rows_avx2_t<MB>(c, a, b, m, s); } };
 template <int MB> struct Int8Avx512Vnni { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { int8_rows_avx512_t<MB>(c, a, b, m, s); } };
 
 // Token tile per ISA / mode (accumulator registers: 16 ymm on AVX2, 32 zmm on AVX512).
 int token_tile(Isa isa, bool int8) {
-  if (isa == Isa::kAvx512) return int8 ? 8 : 8;
+  if (isa >= Isa::kAvx512) return 8;
   return int8 ? 4 : 8;
 }
 
@@ -769,7 +991,15 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
     if (K == 0) {
       y32.zero_();
     } else {
-      const at::Tensor x = x_in.reshape({Mrows, K}).to(at::kFloat).contiguous();
+      // bf16 activations, exact mode, AVX512-BF16: decode sizes with whole-row or >= 128-wide
+      // groups run the vdpbf16ps kernel; prefill with bf16 scales dequantizes straight to bf16.
+      // Both read x as it is (no float copy).
+      const bool bf16_isa = isa == Isa::kAvx512Bf16 && !int8_activations && xt == at::kBFloat16 && gs_ok;
+      const bool bf16_decode = bf16_isa && Mrows < kGemmMinM && (G == 1 || group_size >= kBlockWeights);
+      const bool bf16_prefill = bf16_isa && Mrows >= kGemmMinM && st == at::kBFloat16;
+      const bool bf16_path = bf16_decode || bf16_prefill;
+      const at::Tensor x = bf16_path ? x_in.reshape({Mrows, K}).contiguous()
+                                     : x_in.reshape({Mrows, K}).to(at::kFloat).contiguous();
       const at::Tensor codes = codes_in.contiguous();
       const at::Tensor scales = scales_in.contiguous();
       Ctx c{};
@@ -790,9 +1020,29 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       c.scales = scales.data_ptr();
       c.scale_dtype = st;
       c.y = y32.data_ptr<float>();
-      c.x = x.data_ptr<float>();
+      if (!bf16_path) c.x = x.data_ptr<float>();
 
-      if (!int8_activations) {
+      if (bf16_path) {
+        c.Kc = (nblk + 1) / 2 * kChunkWeights;
+        at::Tensor xb = at::empty({Mrows, c.Kc}, x.options());
+        c.xb = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+        permute_x_bf16(c, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(xb.data_ptr()));
+        if (bf16_prefill) {
+          // Tiles of rows dequantized to bf16 (about 1 MiB, so the GEMM reads them from cache).
+          const int64_t tile = std::min(N, std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (c.Kc * 2)) / kRowTile * kRowTile));
+          at::Tensor wt = at::empty({tile, c.Kc}, x.options());
+          uint16_t* wp = reinterpret_cast<uint16_t*>(wt.data_ptr());
+          for (int64_t t0 = 0; t0 < N; t0 += tile) {
+            const int64_t t1 = std::min(N, t0 + tile);
+            at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t b) { dequant_rows_bf16(c, a, b, wp + (a - t0) * c.Kc); });
+            y32.narrow(1, t0, t1 - t0).copy_(at::mm(xb, wt.narrow(0, 0, t1 - t0).t()));
+          }
+        } else {
+        run_rows(c, token_tile(isa, false), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+          (G == 1 && mb > 1 ? pick_mb<ExactBf16Pairs>(mb) : pick_mb<ExactBf16>(mb))(c, a, b, m0, s);
+        });
+        }
+      } else if (!int8_activations) {
         at::Tensor xp;
         if (isa != Isa::kScalar) {
           xp = at::empty({Mrows, c.Kp}, x.options());
@@ -818,7 +1068,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
               std::vector<float> sbuf(G);
               float* dst = wp + (a - t0) * ld;
               if (isa == Isa::kScalar) dequant_rows_scalar(c, a, b, dst, ld, sbuf.data());
-              else if (isa == Isa::kAvx512) dequant_rows_avx512(c, a, b, dst, ld, sbuf.data());
+              else if (isa >= Isa::kAvx512) dequant_rows_avx512(c, a, b, dst, ld, sbuf.data());
               else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());
             });
             const at::Tensor w_tile = wt.narrow(0, 0, t1 - t0);
@@ -832,7 +1082,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         } else {
           const int mbt = token_tile(isa, false);
           run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
-            RowFn fn = isa == Isa::kAvx512 ? pick_mb<ExactAvx512>(mb) : pick_mb<ExactAvx2>(mb);
+            RowFn fn = isa >= Isa::kAvx512 ? pick_mb<ExactAvx512>(mb) : pick_mb<ExactAvx2>(mb);
             fn(c, a, b, m0, s);
           });
         }
@@ -865,7 +1115,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         } else {
           // AVX512 int8 needs VNNI (vpdpbusd) and whole 64-element halves per group; otherwise
           // the AVX2 routine runs (it handles group_size 32).
-          const bool use512 = isa == Isa::kAvx512 && cpu_has_vnni() && (G == 1 || group_size >= 64);
+          const bool use512 = isa >= Isa::kAvx512 && cpu_has_vnni() && (G == 1 || group_size >= 64);
           const Isa eff = use512 ? Isa::kAvx512 : Isa::kAvx2;
           const int mbt = token_tile(eff, true);
           run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
@@ -887,7 +1137,8 @@ Isa parse_isa(const std::string& name) {
   if (name == "scalar") isa = Isa::kScalar;
   else if (name == "avx2") isa = Isa::kAvx2;
   else if (name == "avx512") isa = Isa::kAvx512;
-  else TORCH_CHECK_VALUE(false, "bitcpm_cpu: unknown isa '", name, "' (auto, scalar, avx2, avx512)");
+  else if (name == "avx512bf16") isa = Isa::kAvx512Bf16;
+  else TORCH_CHECK_VALUE(false, "bitcpm_cpu: unknown isa '", name, "' (auto, scalar, avx2, avx512, avx512bf16)");
   TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), "bitcpm_cpu: isa '", name,
                     "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
   return isa;
@@ -907,13 +1158,14 @@ at::Tensor ternary_linear_isa(const at::Tensor& x, const at::Tensor& codes, cons
 std::vector<std::string> isa_available() {
   std::vector<std::string> out{"scalar"};
   if (static_cast<int>(best_isa()) >= static_cast<int>(Isa::kAvx2)) out.push_back("avx2");
-  if (best_isa() == Isa::kAvx512) out.push_back("avx512");
+  if (best_isa() >= Isa::kAvx512) out.push_back("avx512");
+  if (best_isa() >= Isa::kAvx512Bf16) out.push_back("avx512bf16");
   return out;
 }
 
 std::string current_isa() {
   std::string s = isa_name(best_isa());
-  if (best_isa() == Isa::kAvx512 && cpu_has_vnni()) s += "+vnni";
+  if (best_isa() >= Isa::kAvx512 && cpu_has_vnni()) s += "+vnni";
   return s;
 }
 

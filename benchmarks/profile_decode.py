@@ -1,0 +1,64 @@
+"""Where one decode step's time goes: torch.profiler over batch-N decode in a real vLLM engine.
+
+    .venv/bin/python benchmarks/profile_decode.py                    # plugin, 1 thread, batch 1
+    .venv/bin/python benchmarks/profile_decode.py --stock --batch 10 --threads 2
+
+Not a benchmark (profiling slows every op); it answers "what should be optimised next" by
+printing the ops that take the most self CPU time per decode step, grouped by op name. The engine
+runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the profiler sees the model's ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from engine_sides import add_model_arguments, engine_settings, resolve_model, threads_bind
+
+    add_model_arguments(parser)
+    parser.add_argument("--stock", action="store_true", help="profile stock vLLM (plugin disabled)")
+    parser.add_argument("--threads", type=int, default=1, help="model threads (VLLM_CPU_OMP_THREADS_BIND)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
+    parser.add_argument("--rows", type=int, default=25, help="ops listed")
+    args = parser.parse_args()
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(args.threads)
+    os.environ["VLLM_PLUGINS"] = "" if args.stock else "bitcpm"
+    model = resolve_model(args)
+    settings = engine_settings(args)
+    settings["max_logprobs"] = 20
+
+    import torch
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **settings)
+    prompts = [{"prompt_token_ids": [100 + i, 200 + i, 300 + i, 400 + i]} for i in range(args.batch)]
+    warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, warm, use_tqdm=False)
+
+    params = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    steps = args.tokens + 1
+    print(f"\n{'stock' if args.stock else 'bitcpm'}: batch {args.batch}, {args.threads} thread(s), "
+          f"{steps} steps, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
+    print(f"{'op':60s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s}")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
+        print(f"{e.key[:60]:60s} {e.count / steps:10.1f} {e.self_cpu_time_total / steps / 1000:8.3f} "
+              f"{e.self_cpu_time_total / total_us:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

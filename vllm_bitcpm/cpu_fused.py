@@ -1,0 +1,91 @@
+"""LongRoPE and RMSNorm of a ternary MiniCPM through vLLM's fused CPU kernels.
+
+Once the linear layers are ternary, a CPU decode step spends as long in the small ops around
+them as in the matmuls: on vLLM 0.32's CPU platform, MiniCPM's LongRoPE
+(``Phi3LongRoPEScaledRotaryEmbedding``) runs ~25 PyTorch ops per layer (gather, chunk, repeat,
+rotate, cat) and RMSNorm runs its native composite (~8 ops), because vLLM only has CPU kernels
+wired for plain RoPE and for GPU RMSNorm. vLLM's CPU build does ship both kernels
+(``_C.rotary_embedding``, ``_C.rms_norm``); these modules call them with the same cos/sin cache
+and epsilon, computing in float32 inside the kernel where the composites round to the model
+dtype between ops (so results differ from stock by rounding only).
+
+They take effect only while ``active()`` is true (the model has ternary layers), so a dense
+MiniCPM checkpoint loaded through the plugin still runs exactly stock vLLM's ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def fused_kernels_available() -> bool:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+
+    return hasattr(torch.ops._C, "rotary_embedding") and hasattr(torch.ops._C, "rms_norm")
+
+
+def _fused_class(stock_class: type, forward) -> type:
+    """A subclass of ``stock_class`` whose forward is ``forward`` (see :func:`install`)."""
+    return type(f"Fused{stock_class.__name__}", (stock_class,), {"forward": forward, "__doc__": forward.__doc__})
+
+
+def _longrope_forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None,
+                      offsets: torch.Tensor | None = None):
+    """vLLM's LongRoPE with the factor set fixed per engine, applied by one in-place kernel.
+
+    vLLM picks the long factors for the whole engine when max_model_len exceeds
+    original_max_position_embeddings (``use_long_rope``); ``bitcpm_cos_sin_cache`` is the
+    matching half of its cos/sin cache.
+    """
+    if key is None or offsets is not None or not self.bitcpm_active():
+        return super(type(self), self).forward(positions, query, key, offsets)
+    torch.ops._C.rotary_embedding(positions, query, key, self.head_size, self.bitcpm_cos_sin_cache, True)
+    return query, key
+
+
+def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """vLLM's RMSNorm (weighted, no residual) through ``_C.rms_norm``."""
+    if residual is not None or not self.bitcpm_active():
+        return super(type(self), self).forward(x) if residual is None else super(type(self), self).forward(x, residual)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    torch.ops._C.rms_norm(out, x, self.weight.data, self.variance_epsilon)
+    return out
+
+
+def install(model: nn.Module, active: Callable[[], bool]) -> int:
+    """Give every LongRoPE and plain RMSNorm module of ``model`` the fused forward; returns how many.
+
+    The modules change class in place (to a subclass with only ``forward`` overridden), so their
+    loaded parameters and names stay as vLLM's weight loader tracks them.
+    """
+    if not fused_kernels_available():
+        return 0
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+
+    rope_class = _fused_class(Phi3LongRoPEScaledRotaryEmbedding, _longrope_forward)
+    norm_class = _fused_class(RMSNorm, _rms_norm_forward)
+    changed = 0
+    for module in model.modules():  # unique modules (vLLM's get_rope shares one across layers)
+        if type(module) is Phi3LongRoPEScaledRotaryEmbedding:
+            k = module.original_max_position_embeddings
+            cache = module.long_short_cos_sin_cache
+            module.bitcpm_cos_sin_cache = cache[k:] if module.use_long_rope else cache[:k]
+            module.__class__ = rope_class
+        elif type(module) is RMSNorm and module.has_weight and module.variance_size_override is None:
+            module.__class__ = norm_class
+        else:
+            continue
+        module.bitcpm_active = active
+        changed += 1
+    return changed
