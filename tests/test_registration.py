@@ -27,6 +27,9 @@ import torch
 print(json.dumps({
     "archs": [a for a in ("BitCPMForCausalLM", "MiniCPMForCausalLM") if a in ModelRegistry.get_supported_archs()],
     "model_cls": ModelRegistry._try_load_model_cls("MiniCPMForCausalLM").__name__,
+    "minicpm3_cls": ModelRegistry._try_load_model_cls("MiniCPM3ForCausalLM").__name__,
+    "bitcpm3_cls": ModelRegistry._try_load_model_cls("BitCPM3ForCausalLM").__name__,
+    "llama_cls": ModelRegistry._try_load_model_cls("LlamaForCausalLM").__name__,
     "quant": get_quantization_config("bitcpm").__name__,
     "quant_listed": QUANTIZATION_METHODS.count("bitcpm"),
     "config": CONFIG_MAPPING["minicpm"].__name__,
@@ -38,6 +41,8 @@ print(json.dumps({
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["archs"] == ["BitCPMForCausalLM", "MiniCPMForCausalLM"]
     assert info["model_cls"] == "BitCPMForCausalLM"
+    assert info["minicpm3_cls"] == info["bitcpm3_cls"] == "BitCPM3ForCausalLM"
+    assert info["llama_cls"] == "LlamaForCausalLM"  # not taken over: --quantization bitcpm or a packed checkpoint
     assert info["quant"] == "BitCPMConfig" and info["quant_listed"] == 1
     assert info["config"] == "MiniCPMConfig"
     assert info["cuda_initialized"] is False

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vllm_bitcpm import synthetic
+from vllm_bitcpm import synthetic, ternary
 from vllm_bitcpm.synthetic import (
     REPORT_PROMPTS,
     SHAPES,
@@ -232,6 +232,35 @@ def test_published_shape_sizes():
     per_layer = attention + 3 * shape.hidden_size * shape.intermediate_size
     params = shape.vocab_size * shape.hidden_size + shape.num_hidden_layers * per_layer
     assert 430e6 < params < 440e6
+
+
+@pytest.mark.parametrize("shape", ["tiny-minicpm3", "tiny-llama"])
+def test_other_architectures_load_with_transformers_builtin_configs(shape, tmp_path):
+    """MiniCPM3 (MLA) and Llama (BitCPM-CANN-1B/3B) need no remote code, unlike MiniCPM."""
+    from transformers import AutoConfig
+
+    model_shape = SHAPES[shape]
+    path = write_checkpoint(tmp_path / shape, shape=shape, granularity="per_group", group_size=32)
+    assert not (path / "configuration_minicpm.py").exists()
+    config = AutoConfig.from_pretrained(str(path))
+    assert config.model_type == synthetic.ARCHITECTURES[model_shape.architecture][1]
+    weights = _weights(path)
+    linears = model_shape.linear_shapes(0) | model_shape.linear_shapes(model_shape.num_hidden_layers - 1)
+    for name, shape_ in linears.items():
+        assert tuple(weights[name].shape) == shape_
+        assert ternary.detect_scale_layout(weights[name], name).granularity.value in ("per_group", "per_row")
+    if model_shape.architecture == "minicpm3":
+        assert (config.q_lora_rank, config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                config.v_head_dim) == (64, 32, 16, 16, 32)
+        assert config.qk_head_dim == model_shape.head_dim == 32
+        assert "model.layers.0.self_attn.kv_a_layernorm.weight" in weights
+        assert len(config.rope_parameters["short_factor"]) == model_shape.qk_rope_head_dim // 2
+    else:
+        assert config.head_dim == 64 != config.hidden_size // config.num_attention_heads
+        assert not config.tie_word_embeddings and "lm_head.weight" in weights
+        assert not hasattr(config, "scale_emb")
+    every_linear = {n for n in weights if n.endswith(".weight") and weights[n].dim() == 2 and ".layers." in n}
+    assert every_linear == set(synthetic.linear_weight_names(model_shape.num_hidden_layers, model_shape))
 
 
 def test_cli_writes_custom_intermediate_size(tmp_path):

@@ -175,10 +175,14 @@ def packed_checkpoint_group_size(packed_config: dict[str, Any], in_features: int
     return in_features if group_size < 0 else group_size
 
 
-def _checked_loader(weight_loader, name: str, expected_columns: int):
-    """vLLM's loader for a packed tensor, with a message that names the tensor on a bad shape."""
+def _checked_loader(weight_loader, method: "TernaryLinearMethod", suffix: str, expected_columns: int):
+    """vLLM's loader for a packed tensor, with a message that names the tensor on a bad shape.
+
+    The name is read when loading: a layer vLLM built without a prefix (MiniCPM3's q_a_proj)
+    gets its module name from the model class after construction."""
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        name = f"{method.prefix}.{suffix}"
         if loaded_weight.dim() != 2 or loaded_weight.shape[1] != expected_columns:
             raise ValueError(
                 f"bitcpm: checkpoint tensor for '{name}' has shape {tuple(loaded_weight.shape)}; "
@@ -217,6 +221,9 @@ class TernaryLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         layer.bitcpm_partition_sizes = list(output_partition_sizes)
+        # ReplicatedLinear (MiniCPM3's q_a_proj / kv_a_proj_with_mqa) has no
+        # input_size_per_partition attribute: keep our own.
+        layer.bitcpm_in_features = input_size_per_partition
         layer.bitcpm_packed = False
         layer.bitcpm_loaded_packed = False
         layer.bitcpm_kept_dense = False
@@ -267,9 +274,13 @@ class TernaryLinearMethod(LinearMethodBase):
         sharded = input_size_per_partition != input_size
         if sharded and (input_size_per_partition % ternary.BLOCK_WEIGHTS
                         or (group_size < input_size and input_size_per_partition % group_size)):
+            groups = f" / scale groups of {group_size}" if group_size < input_size else ""
             raise ValueError(
                 f"bitcpm: layer '{self.prefix}': a tensor-parallel shard of {input_size_per_partition} "
-                f"input columns does not align with 128-weight code blocks / groups of {group_size}"
+                f"input columns does not align with 128-weight code blocks{groups} of this packed "
+                f"checkpoint ({input_size} columns split {input_size // input_size_per_partition} ways); "
+                "use a tensor-parallel size that splits it into whole blocks, or load the "
+                "fake-quantized checkpoint, which each rank packs after sharding"
             )
         groups = 1 if group_size >= input_size else math.ceil(input_size_per_partition / group_size)
         codes = torch.nn.Parameter(
@@ -286,7 +297,7 @@ class TernaryLinearMethod(LinearMethodBase):
             attrs = {"output_dim": 0, **extra_weight_attrs}
             if name == "weight_codes" or groups > 1:
                 attrs["input_dim"] = 1
-            attrs["weight_loader"] = _checked_loader(weight_loader, f"{self.prefix}.{name}", expected_columns[name])
+            attrs["weight_loader"] = _checked_loader(weight_loader, self, name, expected_columns[name])
             set_weight_attrs(param, attrs)
         layer.bitcpm_group_size = input_size_per_partition if group_size >= input_size else group_size
         layer.bitcpm_loaded_packed = True
@@ -298,7 +309,7 @@ class TernaryLinearMethod(LinearMethodBase):
             # Scales arrive in the model dtype; keep them in 16 bits when that is exact.
             layer.weight_scales.data = ternary.narrowest_exact(layer.weight_scales.data, layer.weight_scales.dtype)
             nbytes = sum(t.numel() * t.element_size() for t in (layer.weight_codes, layer.weight_scales))
-            rows, k = layer.weight_codes.shape[0], layer.input_size_per_partition
+            rows, k = layer.weight_codes.shape[0], layer.bitcpm_in_features
             report.packed_layers += 1
             report.packed_weights += rows * k
             report.packed_bytes += nbytes

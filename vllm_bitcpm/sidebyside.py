@@ -114,19 +114,22 @@ def inspect_linear_layers(model) -> dict[str, Any]:
     for module in model.modules():
         if not isinstance(module, LinearBase):
             continue
+        # ReplicatedLinear (e.g. MiniCPM3's q_a_proj) has no *_per_partition sizes.
+        in_features = getattr(module, "input_size_per_partition", module.input_size)
+        out_features = getattr(module, "output_size_per_partition", module.output_size)
         if getattr(module, "bitcpm_packed", False):
             packed += 1
             nbytes = sum(
                 t.numel() * t.element_size() for t in (module.weight_codes, module.weight_scales)
             )
             packed_bytes += nbytes
-            packed_weights += module.weight_codes.shape[0] * module.input_size_per_partition
+            packed_weights += module.weight_codes.shape[0] * in_features
         else:
             # vLLM's CPU GEMM dispatch moves dense weights into oneDNN handles, so count their
             # logical size rather than the (emptied) parameter.
             dense += 1
             itemsize = torch.empty((), dtype=module.params_dtype).element_size()
-            dense_bytes += module.output_size_per_partition * module.input_size_per_partition * itemsize
+            dense_bytes += out_features * in_features * itemsize
     return {
         "packed_layers": packed,
         "dense_layers": dense,

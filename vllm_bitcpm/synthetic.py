@@ -13,8 +13,10 @@ large as the muP-scaled embedding, so a wrong RoPE base, ignored LongRoPE
 factors, a missing residual scale or a missing causal mask all change top-1
 predictions (see ``tests/test_reference_model.py``).
 
-Shapes of the published models are reproduced for benchmarking;
-``bitcpm4-1b`` is approximate (see ``SHAPES``).
+Shapes of the published models are reproduced for benchmarking and the
+family tests (MiniCPM, MiniCPM3 with MLA, and the Llama-architecture
+BitCPM-CANN releases); those not read from a released config are listed in
+``UNVERIFIED_SHAPES``.
 
 CLI::
 
@@ -79,13 +81,26 @@ TEST_PROMPTS: list[str] = [
 # ---------------------------------------------------------------------------
 
 
+#: Architectures the writer knows: (config "architectures" entry, "model_type").
+ARCHITECTURES = {
+    "minicpm": ("MiniCPMForCausalLM", "minicpm"),
+    "minicpm3": ("MiniCPM3ForCausalLM", "minicpm3"),  # MLA attention; config built into transformers
+    "llama": ("LlamaForCausalLM", "llama"),  # the BitCPM-CANN-1B/3B releases
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """The size fields of a MiniCPM config.
+    """The size fields of a MiniCPM / MiniCPM3 / Llama config.
 
     ``vocab_size=None`` means "the tokenizer's size rounded up to a multiple
     of 64". vLLM's MiniCPM derives ``head_dim`` as ``hidden_size //
-    num_attention_heads``, so the hidden size must divide evenly.
+    num_attention_heads``, so for it the hidden size must divide evenly;
+    Llama checkpoints may set ``head_dim`` explicitly (``explicit_head_dim``).
+    MiniCPM3 (``architecture="minicpm3"``) uses multi-head latent attention:
+    ``q_lora_rank``, ``kv_lora_rank``, ``qk_nope_head_dim``,
+    ``qk_rope_head_dim`` and ``v_head_dim`` replace q/k/v (every head is its
+    own KV head, as in vLLM's MiniCPM3, which expands the latent to full heads).
     """
 
     hidden_size: int
@@ -95,18 +110,66 @@ class ModelShape:
     num_key_value_heads: int
     vocab_size: int | None = None
     max_position_embeddings: int = 32768
+    architecture: str = "minicpm"
+    tie_word_embeddings: bool = True
+    explicit_head_dim: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+        mla = (self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+        if (self.architecture == "minicpm3") != all(v is not None for v in mla):
+            raise ValueError("minicpm3 shapes need all MLA dims (q_lora_rank, kv_lora_rank, "
+                             "qk_nope_head_dim, qk_rope_head_dim, v_head_dim); other shapes none")
+        if self.explicit_head_dim is not None and self.architecture != "llama":
+            raise ValueError("only llama shapes may set head_dim explicitly")
+        if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.head_dim % 2:
-            raise ValueError("head_dim must be even for RoPE")
+        if self.rope_dim % 2:
+            raise ValueError("the rotary dimension must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Per-head q/k width (MiniCPM3: ``qk_nope_head_dim + qk_rope_head_dim``)."""
+        if self.architecture == "minicpm3":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates (MiniCPM3: only ``qk_rope_head_dim``)."""
+        return self.qk_rope_head_dim if self.architecture == "minicpm3" else self.head_dim
+
+    def linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """HF weight name -> (out_features, in_features) of one decoder layer's linear weights."""
+        p = f"model.layers.{layer}"
+        hidden, inter = self.hidden_size, self.intermediate_size
+        if self.architecture == "minicpm3":
+            heads = self.num_attention_heads
+            attn = {
+                "q_a_proj": (self.q_lora_rank, hidden),
+                "q_b_proj": (heads * self.head_dim, self.q_lora_rank),
+                "kv_a_proj_with_mqa": (self.kv_lora_rank + self.qk_rope_head_dim, hidden),
+                "kv_b_proj": (heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank),
+                "o_proj": (hidden, heads * self.v_head_dim),
+            }
+        else:
+            q_rows = self.num_attention_heads * self.head_dim
+            kv_rows = self.num_key_value_heads * self.head_dim
+            attn = {"q_proj": (q_rows, hidden), "k_proj": (kv_rows, hidden),
+                    "v_proj": (kv_rows, hidden), "o_proj": (hidden, q_rows)}
+        mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        return {
+            **{f"{p}.self_attn.{n}.weight": s for n, s in attn.items()},
+            **{f"{p}.mlp.{n}.weight": s for n, s in mlp.items()},
+        }
 
 
 SHAPES: dict[str, ModelShape] = {
@@ -116,11 +179,48 @@ SHAPES: dict[str, ModelShape] = {
     # Every in_features (192 and 200) is not a multiple of 128.
     "tiny-odd": ModelShape(192, 200, 2, 6, 2),
     "small": ModelShape(256, 512, 4, 8, 2),
+    # MiniCPM3's MLA at toy size (openbmb/MiniCPM3-4B: q_lora 768, kv_lora 256, nope 64, rope 32,
+    # v 64); head_dim nope + rope = 32 is one the CPU attention backend supports (24 is not).
+    # Four layers: with two, every prompt predicts the same token.
+    "tiny-minicpm3": ModelShape(128, 256, 4, 4, 4, architecture="minicpm3", q_lora_rank=64,
+                                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32),
+    # A toy Llama (the BitCPM-CANN-1B/3B architecture): explicit head_dim, untied lm_head.
+    "tiny-llama": ModelShape(128, 256, 2, 4, 2, architecture="llama", tie_word_embeddings=False,
+                             explicit_head_dim=64),
     # openbmb/BitCPM4-0.5B (same shape as MiniCPM4-0.5B): ~434M parameters.
     "bitcpm4-0.5b": ModelShape(1024, 4096, 24, 16, 2, vocab_size=73448),
-    # openbmb/BitCPM4-1B: APPROXIMATE (not verified against the published
-    # config): ~0.9B parameters with MiniCPM4-style GQA (2 KV heads).
-    "bitcpm4-1b": ModelShape(1536, 4096, 32, 24, 2, vocab_size=73448),
+    # openbmb/BitCPM4-1B: derived, not read from its config.json. The published bf16 file is
+    # 2.72 GB = 1.36B parameters; with MiniCPM4-1B's layout (hidden 1536, 24 heads of 64,
+    # 8 KV heads, intermediate 3840, vocab 73448, tied) one layer holds
+    # 2*1536^2 (q, o) + 2*1536*512 (k, v) + 3*1536*3840 (mlp) = 23.99M parameters, and
+    # 52 layers + the 112.8M embedding = 1.360B, i.e. 2.72 GB in bf16.
+    "bitcpm4-1b": ModelShape(1536, 3840, 52, 24, 8, vocab_size=73448),
+    # openbmb/MiniCPM3-4B's published config (MLA). No ternary MiniCPM3 is released; this is
+    # the shape a BitCPM3 would have.
+    "minicpm3-4b": ModelShape(2560, 6400, 62, 40, 40, vocab_size=73448, architecture="minicpm3",
+                              q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=64,
+                              qk_rope_head_dim=32, v_head_dim=64),
+    # BitCPM-CANN releases (pytorch_model.bin, group-wise scales along input columns). Only
+    # partly verified; see UNVERIFIED_SHAPES.
+    "bitcpm-cann-0.5b": ModelShape(1024, 4096, 24, 16, 2, vocab_size=73448),
+    "bitcpm-cann-1b": ModelShape(2048, 6144, 28, 16, 2, vocab_size=73448, architecture="llama",
+                                 tie_word_embeddings=False, explicit_head_dim=128),
+    "bitcpm-cann-3b": ModelShape(2560, 10240, 32, 32, 2, vocab_size=73448, architecture="llama",
+                                 tie_word_embeddings=False, explicit_head_dim=128),
+    "bitcpm-cann-8b": ModelShape(4096, 16384, 32, 32, 2, vocab_size=73448),
+}
+
+#: Published BitCPM / MiniCPM shapes, as opposed to the toy ones.
+FAMILY_SHAPES = ("bitcpm4-0.5b", "bitcpm4-1b", "minicpm3-4b", "bitcpm-cann-0.5b", "bitcpm-cann-1b",
+                 "bitcpm-cann-3b", "bitcpm-cann-8b")
+
+#: Family shapes not read from the released config.json (what is uncertain about each).
+UNVERIFIED_SHAPES = {
+    "bitcpm4-1b": "derived from the 2.72 GB file size with MiniCPM4-1B's layout",
+    "bitcpm-cann-0.5b": "hidden 1024 / 24 layers reported; heads (16/2), intermediate (4096) assumed",
+    "bitcpm-cann-1b": "reported as LlamaForCausalLM; vocab assumed 73448",
+    "bitcpm-cann-3b": "head_dim 128 reported explicit; vocab assumed 73448",
+    "bitcpm-cann-8b": "reported; vocab assumed 73448",
 }
 
 
@@ -135,14 +235,10 @@ def resolve_shape(shape: str | ModelShape | Mapping[str, int]) -> ModelShape:
     return ModelShape(**dict(shape))
 
 
-def linear_weight_names(num_hidden_layers: int) -> list[str]:
-    """HF names of the linear (ternary) weights, in checkpoint order."""
-    names = []
-    for layer in range(num_hidden_layers):
-        prefix = f"model.layers.{layer}"
-        names += [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkvo"]
-        names += [f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    return names
+def linear_weight_names(num_hidden_layers: int, shape: ModelShape | None = None) -> list[str]:
+    """HF names of the linear (ternary) weights, in checkpoint order (MiniCPM layout by default)."""
+    shape = shape or SHAPES["tiny"]
+    return [name for layer in range(num_hidden_layers) for name in shape.linear_shapes(layer)]
 
 
 # ---------------------------------------------------------------------------
@@ -369,10 +465,11 @@ def _config(
     dtype: torch.dtype,
     original_max_position_embeddings: int,
 ) -> dict:
-    short, long = longrope_factors(shape.head_dim)
-    return {
-        "architectures": ["MiniCPMForCausalLM"],
-        "model_type": "minicpm",
+    short, long = longrope_factors(shape.rope_dim)
+    architecture, model_type = ARCHITECTURES[shape.architecture]
+    config = {
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.intermediate_size,
         "num_hidden_layers": shape.num_hidden_layers,
@@ -391,7 +488,7 @@ def _config(
         "scale_emb": SCALE_EMB,
         "scale_depth": SCALE_DEPTH,
         "dim_model_base": DIM_MODEL_BASE,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": shape.tie_word_embeddings,
         "hidden_act": "silu",
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
@@ -399,6 +496,18 @@ def _config(
         "use_cache": True,
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
+    if shape.architecture == "minicpm3":
+        config.update(
+            q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank,
+            qk_nope_head_dim=shape.qk_nope_head_dim, qk_rope_head_dim=shape.qk_rope_head_dim,
+            v_head_dim=shape.v_head_dim,
+        )
+    elif shape.architecture == "llama":
+        # Plain Llama: no muP scalings, plain RoPE.
+        for key in ("rope_scaling", "scale_emb", "scale_depth", "dim_model_base"):
+            del config[key]
+        config.update(head_dim=shape.head_dim, attention_bias=False, mlp_bias=False)
+    return config
 
 
 # ---------------------------------------------------------------------------
@@ -532,16 +641,20 @@ def _tensor_specs(
     dtype: torch.dtype,
     non_ternary_layers: Sequence[str],
 ) -> list[_TensorSpec]:
-    hidden, inter = shape.hidden_size, shape.intermediate_size
-    head_dim, layers = shape.head_dim, shape.num_hidden_layers
-    q_rows = shape.num_attention_heads * head_dim
-    kv_rows = shape.num_key_value_heads * head_dim
-    residual_scale = SCALE_DEPTH / math.sqrt(layers)
+    hidden, layers = shape.hidden_size, shape.num_hidden_layers
+    head_dim = shape.head_dim
+    llama = shape.architecture == "llama"
+    residual_scale = 1.0 if llama else SCALE_DEPTH / math.sqrt(layers)
 
-    # Logits are (normed hidden / (hidden / 256)) @ embed.T, so the embedding
-    # std fixes the logit spread; the embedding term's RMS is 12 * that std.
-    embed_std = TARGET_LOGIT_STD * (hidden / DIM_MODEL_BASE) / math.sqrt(hidden)
-    embedding_rms = SCALE_EMB * embed_std
+    if llama:
+        # No muP: an RMS-1 embedding, and the (untied) head alone sets the logit spread.
+        embed_std = 1.0
+        embedding_rms = embed_std
+    else:
+        # Logits are (normed hidden / (hidden / 256)) @ embed.T, so the embedding
+        # std fixes the logit spread; the embedding term's RMS is 12 * that std.
+        embed_std = TARGET_LOGIT_STD * (hidden / DIM_MODEL_BASE) / math.sqrt(hidden)
+        embedding_rms = SCALE_EMB * embed_std
     # Branch outputs, after the residual scale, match the embedding term.
     o_gain = ATTN_BRANCH_RATIO * embedding_rms / residual_scale / V_GAIN
     down_gain = MLP_BRANCH_RATIO * embedding_rms / residual_scale / SWIGLU_RMS
@@ -549,7 +662,7 @@ def _tensor_specs(
     q_row_gains = qk_row_gains(shape.num_attention_heads, head_dim)
     k_row_gains = qk_row_gains(shape.num_key_value_heads, head_dim)
 
-    unknown = set(non_ternary_layers) - set(linear_weight_names(layers))
+    unknown = set(non_ternary_layers) - set(linear_weight_names(layers, shape))
     if unknown:
         raise ValueError(f"non_ternary_layers are not linear weights: {sorted(unknown)}")
 
@@ -560,10 +673,10 @@ def _tensor_specs(
             lambda gen: _linear_weight(gen, rows, cols, gain, kind, group_size, dtype, row_gains),
         )
 
-    def norm(name: str) -> _TensorSpec:
+    def norm(name: str, width: int = hidden) -> _TensorSpec:
         return _TensorSpec(
-            name, (hidden,),
-            lambda gen: (1.0 + 0.1 * torch.randn(hidden, generator=gen)).abs().to(dtype),
+            name, (width,),
+            lambda gen: (1.0 + 0.1 * torch.randn(width, generator=gen)).abs().to(dtype),
         )
 
     def embedding(gen: torch.Generator) -> torch.Tensor:
@@ -575,21 +688,48 @@ def _tensor_specs(
         table[tokenizer_size:] *= UNUSED_EMBEDDING_SHRINK
         return table.to(dtype)
 
+    def head(gen: torch.Generator) -> torch.Tensor:
+        table = torch.randn(vocab_size, hidden, generator=gen) * (TARGET_LOGIT_STD / math.sqrt(hidden))
+        row_norm = torch.exp(torch.randn(vocab_size, 1, generator=gen) * EMBED_NORM_SPREAD)
+        table *= row_norm / row_norm.pow(2).mean().sqrt()
+        table[tokenizer_size:] *= UNUSED_EMBEDDING_SHRINK
+        return table.to(dtype)
+
+    def attention(p: str, sizes: dict[str, tuple[int, int]]) -> list[_TensorSpec]:
+        def proj(name: str, gain: float, row_gains=None) -> _TensorSpec:
+            full = f"{p}.self_attn.{name}.weight"
+            return linear(full, *sizes[full], gain, row_gains)
+
+        if shape.architecture != "minicpm3":
+            return [proj("q_proj", QK_GAIN, q_row_gains), proj("k_proj", QK_GAIN, k_row_gains),
+                    proj("v_proj", V_GAIN), proj("o_proj", o_gain)]
+        # MLA: each low-rank projection is followed by an RMSNorm (gain 1 is enough); the
+        # RoPE part of k comes straight from kv_a_proj_with_mqa, the no-RoPE part of k and v
+        # from kv_b_proj.
+        return [
+            proj("q_a_proj", 1.0),
+            norm(f"{p}.self_attn.q_a_layernorm.weight", shape.q_lora_rank),
+            proj("q_b_proj", QK_GAIN),
+            proj("kv_a_proj_with_mqa", QK_GAIN),
+            norm(f"{p}.self_attn.kv_a_layernorm.weight", shape.kv_lora_rank),
+            proj("kv_b_proj", V_GAIN),
+            proj("o_proj", o_gain),
+        ]
+
     specs = [_TensorSpec("model.embed_tokens.weight", (vocab_size, hidden), embedding)]
     for layer in range(layers):
         p = f"model.layers.{layer}"
+        sizes = shape.linear_shapes(layer)
+        specs += [norm(f"{p}.input_layernorm.weight"), *attention(p, sizes),
+                  norm(f"{p}.post_attention_layernorm.weight")]
         specs += [
-            norm(f"{p}.input_layernorm.weight"),
-            linear(f"{p}.self_attn.q_proj.weight", q_rows, hidden, QK_GAIN, q_row_gains),
-            linear(f"{p}.self_attn.k_proj.weight", kv_rows, hidden, QK_GAIN, k_row_gains),
-            linear(f"{p}.self_attn.v_proj.weight", kv_rows, hidden, V_GAIN),
-            linear(f"{p}.self_attn.o_proj.weight", hidden, q_rows, o_gain),
-            norm(f"{p}.post_attention_layernorm.weight"),
-            linear(f"{p}.mlp.gate_proj.weight", inter, hidden, GATE_GAIN),
-            linear(f"{p}.mlp.up_proj.weight", inter, hidden, UP_GAIN),
-            linear(f"{p}.mlp.down_proj.weight", hidden, inter, down_gain),
+            linear(f"{p}.mlp.gate_proj.weight", *sizes[f"{p}.mlp.gate_proj.weight"], GATE_GAIN),
+            linear(f"{p}.mlp.up_proj.weight", *sizes[f"{p}.mlp.up_proj.weight"], UP_GAIN),
+            linear(f"{p}.mlp.down_proj.weight", *sizes[f"{p}.mlp.down_proj.weight"], down_gain),
         ]
     specs.append(norm("model.norm.weight"))
+    if not shape.tie_word_embeddings:
+        specs.append(_TensorSpec("lm_head.weight", (vocab_size, hidden), head))
     return specs
 
 
@@ -666,10 +806,13 @@ def write_checkpoint(
 ) -> pathlib.Path:
     """Write a synthetic BitCPM4 checkpoint directory and return its path.
 
+    The shape's ``architecture`` picks MiniCPM (default), MiniCPM3 (MLA) or Llama tensors
+    and config.
     ``granularity`` is how ternary scales are shared: ``per_tensor``,
     ``per_row`` (per output row), ``per_group`` (per ``group_size``
     consecutive input columns of a row; the last group may be partial) or
-    ``dense`` (ordinary non-ternary weights, i.e. a regular MiniCPM).
+    ``dense`` (ordinary non-ternary weights, i.e. a regular MiniCPM); the embedding, the
+    norms and an untied ``lm_head`` are never ternary.
     ``non_ternary_layers`` lists HF weight names to write dense regardless.
     Lowering ``original_max_position_embeddings`` below
     ``max_position_embeddings`` (32768) makes long contexts use the LongRoPE
@@ -701,7 +844,8 @@ def write_checkpoint(
         progress = model_shape.hidden_size >= 1024
     _write_safetensors(out / "model.safetensors", specs, dtype, seed, progress)
     config = _config(model_shape, vocab_size, dtype, original_max_position_embeddings)
-    _write_remote_config_code(out, config)
+    if model_shape.architecture == "minicpm":  # minicpm3 and llama configs are built into transformers
+        _write_remote_config_code(out, config)
     _write_json(out / "config.json", config)
     _write_json(
         out / "generation_config.json",

@@ -15,6 +15,10 @@
 //     (position 32*s + 8*b + l of a block holds element 32*s + 4*l + b).
 //   exact mode, prefill (M >= kGemmMinM): a tile of rows is dequantized (same 2-instruction
 //     trick) into a thread-local float buffer, then at::mm does the GEMM on the tile.
+//   exact mode, bf16 activations on AVX512-BF16 CPUs (the engine's dtype for BitCPM4):
+//     decode: `vpsrlw` + `vpermw` turn a 64-byte code load into 32 bf16 weights {-1,0,1} per
+//     step, `vdpbf16ps` multiplies them with 32 bf16 activations (exact products, fp32 sums):
+//     3 instructions per 32 weights; prefill: rows dequantized straight to bf16 for at::mm.
 //   int8 mode: x is quantized once per call (per-token absmax, as the reference), with per-group
 //     sums of q; inner loop `vpmaddubsw(codes, q)` (codes = t+1 unsigned), widened with
 //     `vpmaddwd(., 1)` (AVX512-VNNI: one `vpdpbusd`), and sum(q) per group subtracted.
