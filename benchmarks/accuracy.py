@@ -343,7 +343,7 @@ def main() -> None:
     from tqdm import tqdm
 
     model = resolve_model(args)
-    settings = engine_settings(args)
+    settings = engine_settings(args, full_vocab_logprobs=True)
     prompts, prompt_ids, tokenizer = prepare(args, model)
     ref_logits = reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
                                   settings["max_model_len"], args.trust_remote_code)

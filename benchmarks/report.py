@@ -41,6 +41,17 @@ PUBLISHED_THROUGHPUT = {
     "weight_gib": "0.82",
 }
 
+#: bitnet.cpp (I2_S, bf16/f16 embedding kept) on the BitCPM4-0.5B shape, llama-bench on the
+#: project's reference machine (2 cores, brief of the CPU-kernel issue): threads -> tok/s.
+BITNET_CPP_I2_S = {"tg128": {1: 50, 2: 81}, "pp256": {1: 114, 2: 223}}
+#: The CPU-kernel issue's end-to-end targets, as (label, key, stock multiple, bitnet.cpp fraction).
+CPU_TARGETS = [
+    ("decode, batch 1 (tok/s)", "decode_b1_tok_per_s", 4.0, ("tg128", 0.8)),
+    ("decode, batch 10 (tok/s)", "decode_b10_tok_per_s", 3.0, None),
+    ("prefill, 252-token prompt (tok/s)", "prefill_tok_per_s", 1.0, ("pp256", 0.8)),
+]
+WEIGHT_TARGET_GIB = 0.30
+
 #: Settings of --smoke: the tiny synthetic model, a few tokens, one repeat, one thread.
 SMOKE = {"synthetic": "tiny", "batch_max_tokens": [4], "single_max_tokens": 4, "decode_tokens": 4,
          "repeats": 1, "kv_cache_gib": 1 / 16, "threads": [1], "parallel_sides": True}
@@ -75,20 +86,19 @@ def run(args) -> dict:
 
     model = resolve_model(args)
     settings = engine_settings(args)
+    accuracy_settings = engine_settings(args, full_vocab_logprobs=True)
     prompts, prompt_ids, tokenizer = accuracy.prepare(args, model)
     ref_logits = accuracy.reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
                                            settings["max_model_len"], args.trust_remote_code)
     spec = throughput.measure_spec(args, throughput.model_vocab(model))
-    runs, accuracy_sides = {}, None
-    with tqdm(total=len(args.threads) * len(args.sides), unit="engine", desc="engines") as bar:
-        for i, threads in enumerate(args.threads):
-            measures = {"throughput": spec}
-            if i == 0:
-                measures["accuracy"] = {"prompts": prompt_ids}
-            sides = run_sides(model, settings, measures, args.sides, threads, progress=bar,
+    runs = {}
+    with tqdm(total=(len(args.threads) + 1) * len(args.sides), unit="engine", desc="engines") as bar:
+        # Accuracy on its own engines (full-vocabulary log-probs slow decoding down), then throughput.
+        accuracy_sides = run_sides(model, accuracy_settings, {"accuracy": {"prompts": prompt_ids}}, args.sides,
+                                   args.threads[0], progress=bar, parallel=args.parallel_sides)
+        for threads in args.threads:
+            sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar,
                               parallel=args.parallel_sides)
-            if i == 0:
-                accuracy_sides = sides
             runs[str(threads)] = {side: throughput.flat_metrics(r) for side, r in sides.items()}
     info = machine(first_engine_info(accuracy_sides))
     return {
@@ -98,7 +108,7 @@ def run(args) -> dict:
         "smoke": args.smoke,
         "parallel_sides": args.parallel_sides,
         "command": " ".join(["python", "benchmarks/report.py", *sys.argv[1:]]),
-        "accuracy": accuracy.assemble(model, settings, args, prompts, prompt_ids, ref_logits, accuracy_sides,
+        "accuracy": accuracy.assemble(model, accuracy_settings, args, prompts, prompt_ids, ref_logits, accuracy_sides,
                                       tokenizer, info),
         "throughput": throughput.assemble(model, settings, spec, runs, info),
     }
@@ -150,6 +160,38 @@ def headline_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def targets_table(report: dict) -> str:
+    """The CPU-kernel issue's targets per thread count: stock, bitcpm, ratio, bitnet.cpp, met?"""
+    tp = report["throughput"]
+    lines = ["| threads | metric | stock vLLM | vLLM + bitcpm | vs stock | vLLM + bitcpm int8 | vs stock "
+             "| bitnet.cpp I2_S | target | met (bitcpm / int8) |", "|" + "---|" * 10]
+    for threads in sorted(tp["runs"], key=int):
+        runs = tp["runs"][threads]
+        if any("error" in runs.get(side, {"error": 1}) for side in ("stock", "plugin")):
+            continue
+        t = int(threads)
+        for label, key, multiple, peer in CPU_TARGETS:
+            stock = runs["stock"].get(key)
+            values = [runs[side].get(key) if "error" not in runs.get(side, {"error": 1}) else None
+                      for side in ("plugin", "plugin-int8")]
+            peer_value = BITNET_CPP_I2_S[peer[0]].get(t) if peer else None
+            need = max(x for x in (stock * multiple if stock else None,
+                                   peer_value * peer[1] if peer_value else None) if x is not None)
+            target = " and ".join(
+                [f"≥ {multiple:g}x stock"] + ([f"≥ {peer[1]:g}x bitnet.cpp"] if peer_value else []))
+            cells = [str(t), label, f"{stock:.1f}"]
+            for v in values:
+                cells += ["-", "-"] if v is None else [f"{v:.1f}", f"{v / stock:.2f}x"]
+            cells += [str(peer_value or "-"), f"{target} (≥ {need:.0f})",
+                      " / ".join("-" if v is None else ("yes" if v >= need else "no") for v in values)]
+            lines.append("| " + " | ".join(cells) + " |")
+        weights = runs["plugin"].get("weight_gib")
+        lines.append(f"| {t} | weights, all incl. bf16 embedding (GiB) | {runs['stock'].get('weight_gib', 0):.3f} | "
+                     f"{weights:.3f} | {weights / runs['stock']['weight_gib']:.2f}x | - | - | - | "
+                     f"≤ {WEIGHT_TARGET_GIB} | {'yes' if weights <= WEIGHT_TARGET_GIB else 'no'} |")
+    return "\n".join(lines)
+
+
 def _setup_lines(report: dict) -> list[str]:
     tp, acc = report["throughput"], report["accuracy"]
     info, settings = tp["machine"], tp["settings"]
@@ -178,6 +220,8 @@ def report_markdown(report: dict) -> str:
     parts = [f"# BitCPM4 report: {Path(report['model']).name}, stock vLLM vs ternary", "", *_setup_lines(report), "",
              "## Accuracy: next token vs float reference", "", accuracy.markdown(acc), "",
              "## Throughput and memory", "", headline_table(report), "",
+             "## CPU targets (decode-only rates; bitnet.cpp figures from the kernel issue)", "",
+             targets_table(report), "",
              "### All measurements", "", throughput.markdown_tables(tp), "",
              "Plots: `report-accuracy.png`, `report-throughput.png`."]
     return "\n".join(parts) + "\n"
@@ -200,6 +244,10 @@ def readme_block(report: dict) -> str:
         accuracy.summary_table(acc), "",
         "**Throughput and memory:**", "",
         headline_table(report), "",
+        "**CPU targets** (decode-only tok/s = (time for N tokens − time for 1) / (N − 1); bitnet.cpp "
+        "I2_S llama-bench tg128 / pp256 on the same shape, as measured on the project's reference "
+        "machine; int8 = `bitcpm int8`):", "",
+        targets_table(report), "",
         "![accuracy](benchmarks/results/report-accuracy.png)",
         "![throughput](benchmarks/results/report-throughput.png)", "",
         "Reproduce: `" + report["command"] + "`",

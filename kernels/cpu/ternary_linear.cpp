@@ -46,7 +46,8 @@ constexpr int64_t kBlockWeights = 128;
 constexpr int64_t kBlockBytes = 32;
 constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
 constexpr float kInvNumerator = 127.0f;
-constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
+constexpr int64_t kRowTile = 16;
+constexpr int64_t kMinParallelMacs = int64_t(1) << 21;  // smaller calls stay on one thread      // rows per inner tile (codes of a tile stay in L1/L2)
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
@@ -939,7 +940,10 @@ int token_tile(Isa isa, bool int8) {
 // every token tile, so one tile's codes are read from memory once and reused from cache.
 template <typename Fn>
 void run_rows(const Ctx& c, int mb, Fn&& tile_fn) {
-  const int64_t grain = std::max<int64_t>(kRowTile, (c.M >= 64 ? 1 : 4) * kRowTile);
+  int64_t grain = std::max<int64_t>(kRowTile, (c.M >= 64 ? 1 : 4) * kRowTile);
+  // Below ~2M multiply-adds a call takes tens of microseconds on one thread: waking a second
+  // thread for it costs more than it saves, so small decode calls run on the calling thread.
+  if (c.M * c.K * c.N < kMinParallelMacs) grain = std::max<int64_t>(grain, c.N);
   at::parallel_for(0, c.N, std::min<int64_t>(grain, std::max<int64_t>(1, c.N)), [&](int64_t n0, int64_t n1) {
     std::vector<float> sbuf(c.G);
     for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
