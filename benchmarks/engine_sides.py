@@ -86,9 +86,8 @@ def engine_settings(args, full_vocab_logprobs: bool = False) -> dict[str, Any]:
     """vLLM LLM() keyword arguments shared by every side (part of the result JSON).
 
     ``full_vocab_logprobs`` (accuracy engines only) sets max_logprobs=-1 for the KL divergence;
-    throughput engines keep vLLM's default, since on this vLLM an engine allowing full-vocabulary
-    log-probs decodes slower even when no request asks for them (measured: 20.9 -> 28.3 ms/token,
-    bitcpm, batch 1, 1 thread).
+    throughput engines keep vLLM's default, as users run it (benchmarks/thread_scaling.py times
+    both settings).
     """
     settings = {
         "dtype": args.dtype,

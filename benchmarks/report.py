@@ -93,7 +93,7 @@ def run(args) -> dict:
     spec = throughput.measure_spec(args, throughput.model_vocab(model))
     runs = {}
     with tqdm(total=(len(args.threads) + 1) * len(args.sides), unit="engine", desc="engines") as bar:
-        # Accuracy on its own engines (full-vocabulary log-probs slow decoding down), then throughput.
+        # Accuracy on its own engines (max_logprobs=-1), throughput on engines configured as users run them.
         accuracy_sides = run_sides(model, accuracy_settings, {"accuracy": {"prompts": prompt_ids}}, args.sides,
                                    args.threads[0], progress=bar, parallel=args.parallel_sides)
         for threads in args.threads:
