@@ -652,6 +652,14 @@ void permute_x_bf16(const Ctx& c, const uint16_t* x, uint16_t* xb) {
   }
 }
 
+// Codes of chunk ch of a row (64 bytes = two blocks); a row with an odd block count ends in a
+// one-block chunk, read as 32 bytes with the upper words zero (code 0 meets x padding 0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i load_chunk(const Ctx& c, const uint8_t* row,
+                                                                              int64_t ch) {
+  const uint8_t* src = row + ch * 2 * kBlockBytes;
+  return (c.nblk & 1) && ch == c.nblk / 2 ? _mm512_maskz_loadu_epi16(0xFFFF, src) : _mm512_loadu_si512(src);
+}
+
 // tot += (sum of the chains) * scales, lanes 0-7 from the chunk's first block (group scale
 // s_lo), lanes 8-15 from its second (s_hi); the chains restart at zero.
 template <int MB, int A>
@@ -674,7 +682,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
     const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float* sbuf) {
   const __m512i table = _mm512_set1_epi64(0x00003F800000BF80LL);  // words {-1, 0, +1, 0} in bf16
   const int64_t nchunk = c.Kc / kChunkWeights;
-  const bool odd_tail = (c.nblk & 1) != 0;  // the last chunk has one block: load 32 bytes only
   constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);  // accumulator chains per token
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
@@ -698,9 +705,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
           g_hi = hi;
         }
       }
-      const uint8_t* src = row + ch * 2 * kBlockBytes;
-      const __m512i d = (odd_tail && ch == nchunk - 1) ? _mm512_maskz_loadu_epi16(0xFFFF, src)
-                                                       : _mm512_loadu_si512(src);
+      const __m512i d = load_chunk(c, row, ch);
       const uint16_t* xk = xrow + ch * kChunkWeights;
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
@@ -735,7 +740,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
     const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float* sbuf) {
   const __m512i table = _mm512_set1_epi64(0x00003F800000BF80LL);
   const int64_t nchunk = c.Kc / kChunkWeights;
-  const bool odd_tail = (c.nblk & 1) != 0;
   constexpr int A = MB <= 2 ? 2 : 1;
   const uint16_t* xrow = c.xb + m0 * c.Kc;
   int64_t n = n0;
@@ -748,11 +752,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
 #pragma GCC unroll 2
       for (int a = 0; a < A; ++a) acc0[m][a] = acc1[m][a] = _mm512_setzero_ps();
     for (int64_t ch = 0; ch < nchunk; ++ch) {
-      const bool half = odd_tail && ch == nchunk - 1;
-      const __m512i d0 = half ? _mm512_maskz_loadu_epi16(0xFFFF, row0 + ch * 2 * kBlockBytes)
-                              : _mm512_loadu_si512(row0 + ch * 2 * kBlockBytes);
-      const __m512i d1 = half ? _mm512_maskz_loadu_epi16(0xFFFF, row1 + ch * 2 * kBlockBytes)
-                              : _mm512_loadu_si512(row1 + ch * 2 * kBlockBytes);
+      const __m512i d0 = load_chunk(c, row0, ch), d1 = load_chunk(c, row1, ch);
       const uint16_t* xk = xrow + ch * kChunkWeights;
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
@@ -792,7 +792,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_bf16(const Ctx& c, int64_t n0,
                                                                                     int64_t n1, uint16_t* out) {
   const int64_t nchunk = c.Kc / kChunkWeights;
-  const bool odd_tail = (c.nblk & 1) != 0;
   auto table_of = [](uint16_t s) {
     const uint64_t neg = uint64_t(s ^ 0x8000u), pos = uint64_t(s);
     return neg | (pos << 32);  // words {-s, 0, +s, 0}
@@ -802,9 +801,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_
     const uint8_t* row = c.codes + n * c.row_bytes;
     uint16_t* o = out + (n - n0) * c.Kc;
     for (int64_t ch = 0; ch < nchunk; ++ch) {
-      const uint8_t* src = row + ch * 2 * kBlockBytes;
-      const __m512i d = (odd_tail && ch == nchunk - 1) ? _mm512_maskz_loadu_epi16(0xFFFF, src)
-                                                       : _mm512_loadu_si512(src);
+      const __m512i d = load_chunk(c, row, ch);
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
         const int64_t k = ch * kChunkWeights + 32 * (t % 4);
