@@ -7,15 +7,13 @@ engines, bf16 checkpoints, one child process per side as in conftest.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy
+from tests.test_packed_checkpoint import copy_with_doubled_scales
 from vllm_bitcpm import cli, synthetic
 from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
 
@@ -37,11 +35,8 @@ def family_dir(tmp_path_factory) -> Path:
         synthetic.write_checkpoint(root / name, shape=shape, seed=0, **kwargs)
         assert cli.main(["convert", str(root / name), str(root / f"{name}-packed"), "--quiet"]) == 0
     # A mis-shaped scale tensor of q_a_proj, which vLLM 0.32 builds without a module prefix.
-    shutil.copytree(root / "minicpm3-packed", root / "minicpm3-bad")
-    tensors = load_file(str(root / "minicpm3-bad" / "model.safetensors"))
-    name = "model.layers.0.self_attn.q_a_proj.weight_scales"
-    tensors[name] = torch.cat([tensors[name], tensors[name]], dim=1)
-    save_file(tensors, str(root / "minicpm3-bad" / "model.safetensors"))
+    copy_with_doubled_scales(root / "minicpm3-packed", root / "minicpm3-bad",
+                             "model.layers.0.self_attn.q_a_proj.weight_scales")
     return root
 
 

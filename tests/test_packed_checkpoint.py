@@ -38,12 +38,16 @@ def packed_dir(checkpoint_dir, tmp_path_factory) -> Path:
     config = json.loads((root / "future" / "config.json").read_text())
     config["quantization_config"]["layout_version"] = ternary.PACK_LAYOUT_VERSION + 1
     (root / "future" / "config.json").write_text(json.dumps(config))
-    shutil.copytree(root / "per_row", root / "bad_scales")
-    tensors = load_file(str(root / "bad_scales" / "model.safetensors"))
-    name = "model.layers.0.mlp.up_proj.weight_scales"
-    tensors[name] = torch.cat([tensors[name], tensors[name]], dim=1)
-    save_file(tensors, str(root / "bad_scales" / "model.safetensors"))
+    copy_with_doubled_scales(root / "per_row", root / "bad_scales", "model.layers.0.mlp.up_proj.weight_scales")
     return root
+
+
+def copy_with_doubled_scales(src: Path, dst: Path, name: str) -> None:
+    """A copy of packed checkpoint ``src`` whose scale tensor ``name`` has twice its columns."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[name] = torch.cat([tensors[name], tensors[name]], dim=1)
+    save_file(tensors, str(dst / "model.safetensors"))
 
 
 PACKED_JOBS = [*TERNARY_GRANULARITIES, "mixed", "future", "bad_scales"]
