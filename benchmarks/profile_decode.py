@@ -54,6 +54,8 @@ def main() -> None:
     steps = args.tokens + 1
     print(f"\n{'stock' if args.stock else 'bitcpm'}: batch {args.batch}, {args.threads} thread(s), "
           f"{steps} steps, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
+    calls = sum(e.count for e in events) / steps
+    print(f"{calls:.0f} op calls per step (VLLM_BITCPM_FUSED_CPU_OPS={os.environ.get('VLLM_BITCPM_FUSED_CPU_OPS', '1')})")
     print(f"{'op':60s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s}")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
         print(f"{e.key[:60]:60s} {e.count / steps:10.1f} {e.self_cpu_time_total / steps / 1000:8.3f} "

@@ -104,3 +104,10 @@ def test_install_keeps_parameter_names_and_shares_one_rope():
     assert cpu_fused.install(model, lambda: True) == 2  # one shared rotary module, one norm
     assert [n for n, _ in model.named_parameters()] == names
     assert model["a"].child is model["b"].child
+
+
+def test_env_switch_keeps_stock_composites(monkeypatch):
+    monkeypatch.setenv(cpu_fused.FUSED_ENV, "0")
+    model = Holder(longrope(ORIGINAL, torch.float32))
+    assert cpu_fused.install(model, lambda: True) == 0
+    assert type(model.child).__name__ == "Phi3LongRoPEScaledRotaryEmbedding"
