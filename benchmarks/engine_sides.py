@@ -3,8 +3,9 @@
 Plugins register process-wide, so every side gets a fresh child process (``VLLM_PLUGINS`` on or
 off, see vllm_bitcpm.sidebyside). A child starts ONE in-process vLLM engine and runs every
 measurement the caller asks for (``accuracy``, ``throughput``) on it, so a full report costs one
-engine start per side and thread count. The model's OpenMP threads are pinned with
-``VLLM_CPU_OMP_THREADS_BIND``. Shared by benchmarks/accuracy.py, throughput.py and report.py.
+engine start per side and thread count. The model's OpenMP threads are set and pinned with
+:func:`model_threads_env` (vLLM 0.32 applies ``VLLM_CPU_OMP_THREADS_BIND`` only to workers it
+spawns, never to an in-process engine). Shared by benchmarks/accuracy.py, throughput.py and report.py.
 
     python benchmarks/engine_sides.py      # child entry point: JSON spec on stdin
 """
@@ -118,6 +119,20 @@ def threads_bind(threads: int, offset: int = 0) -> str:
     return ",".join(str(c) for c in chosen)
 
 
+def model_threads_env(threads: int, offset: int = 0) -> dict[str, str]:
+    """Environment that gives an in-process engine exactly ``threads`` pinned OpenMP threads.
+
+    vLLM's CPU platform turns ``VLLM_CPU_OMP_THREADS_BIND`` into OpenMP variables only when its
+    multiprocessing executor spawns a worker; an in-process engine (our benchmarks, for quick
+    starts) ignores it and runs torch's default of one thread per CPU. So set what vLLM would have
+    set for a worker (its no-LD_PRELOAD branch): OMP_NUM_THREADS, OMP_PLACES, OMP_PROC_BIND. The
+    bind variable is kept for engines that do spawn workers and for the record.
+    """
+    bind = threads_bind(threads, offset)
+    return {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(threads),
+            "OMP_PLACES": "{" + bind + "}", "OMP_PROC_BIND": "true"}
+
+
 def available_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -133,8 +148,10 @@ def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list
     chosen = [(side, plugin, env) for side, plugin, env in SIDES if side in sides]
 
     def one(index: int, side: str, plugin: bool, env: dict) -> dict:
-        bind = threads_bind(threads, offset=index * threads if parallel else 0)
-        result = _run_side(model, settings, measures, plugin, {"VLLM_CPU_OMP_THREADS_BIND": bind, **env}, timeout)
+        threads_env = model_threads_env(threads, offset=index * threads if parallel else 0)
+        result = _run_side(model, settings, measures, plugin, {**threads_env, **env}, timeout)
+        if "error" not in result and result["model_threads"] != threads:
+            result = {"error": f"engine ran {result['model_threads']} model threads, {threads} were asked for"}
         if progress is not None:
             progress.update(1)
         return result
@@ -279,6 +296,14 @@ def weight_bytes(model) -> dict[str, Any]:
     return {**layers, "linear_bytes": linear, "other_bytes": other, "total_bytes": linear + other}
 
 
+def torch_threads(model=None) -> int:
+    """OpenMP threads the model runs with (what a benchmark claims to control); ``model`` lets
+    ``LLM.apply_model`` call it inside a spawned worker, where this module is importable by name."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _child() -> None:
     import psutil
     from vllm import LLM
@@ -303,6 +328,7 @@ def _child() -> None:
     result["weights"] = weights
     result["rss_bytes_after_load"] = psutil.Process().memory_info().rss
     result["model_threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    result["model_threads"] = torch_threads()
     result["engine_platform"] = engine_platform()
     for name, measure_spec in spec["measures"].items():
         if name == "accuracy":

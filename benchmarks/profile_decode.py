@@ -21,18 +21,18 @@ sys.path.insert(0, str(HERE))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from engine_sides import add_model_arguments, engine_settings, resolve_model, threads_bind
+    from engine_sides import add_model_arguments, engine_settings, model_threads_env, resolve_model
 
     add_model_arguments(parser)
     parser.add_argument("--stock", action="store_true", help="profile stock vLLM (plugin disabled)")
-    parser.add_argument("--threads", type=int, default=1, help="model threads (VLLM_CPU_OMP_THREADS_BIND)")
+    parser.add_argument("--threads", type=int, default=1, help="model OpenMP threads, pinned")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     args = parser.parse_args()
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(args.threads)
+    os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP
     os.environ["VLLM_PLUGINS"] = "" if args.stock else "bitcpm"
     model = resolve_model(args)
     settings = engine_settings(args)
@@ -42,6 +42,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, **settings)
+    assert torch.get_num_threads() == args.threads, (torch.get_num_threads(), args.threads)
     prompts = [{"prompt_token_ids": [100 + i, 200 + i, 300 + i, 400 + i]} for i in range(args.batch)]
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, warm, use_tqdm=False)

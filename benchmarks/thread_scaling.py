@@ -1,12 +1,14 @@
-"""Batch-1 decode vs model threads, OpenMP wait policy and max_logprobs: stock vs bitcpm.
+"""Batch-1 decode vs model threads, OpenMP wait policy, max_logprobs and process layout.
 
     .venv/bin/python benchmarks/thread_scaling.py            # synthetic BitCPM4-0.5B shape
 
-Why: on a small VM the second model thread gives little end to end (the kernels scale, the
-Python and single-threaded ops between them do not; the OpenMP wait policy decides what the idle
-thread does meanwhile), and the report's accuracy engines allow full-vocabulary log-probs
-(max_logprobs=-1) while its throughput engines do not. Each case is one child process with one in-process engine; decode ms/token =
-(time for 65 new tokens - time for 1) / 64, best of 3. JSON in benchmarks/results/.
+Why: what a second model thread buys end to end (the kernels scale, the Python and
+single-threaded ops between them do not; the OpenMP wait policy decides what the idle thread does
+meanwhile), what full-vocabulary log-probs (max_logprobs=-1, the report's accuracy engines) cost,
+and how vLLM's own process layout (engine process + model worker, one CPU reserved for the
+engine) compares with the in-process engine the other benchmarks time. Each case is one child
+process with one engine; the thread count is read back from the model's own process and checked.
+Decode ms/token = (time for 65 new tokens - time for 1) / 64, best of 3. JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: (label, plugin on, threads bind, OMP_WAIT_POLICY or None, max_logprobs)
+#: (label, plugin on, model threads, OMP_WAIT_POLICY or None, max_logprobs, engine in-process).
+#: In-process cases pin N OpenMP threads (engine_sides.model_threads_env); the last two run vLLM as
+#: `LLM(...)`/`vllm serve` users get it: engine and model worker in their own processes, threads
+#: from vLLM's own VLLM_CPU_OMP_THREADS_BIND ("auto" reserves one CPU for the engine process).
 CASES = [
-    ("stock, 1 thread", False, "0", None, 20),
-    ("stock, 2 threads", False, "0,1", None, 20),
-    ("bitcpm, 1 thread", True, "0", None, 20),
-    ("bitcpm, 2 threads", True, "0,1", None, 20),
-    ("bitcpm, 2 threads, OMP_WAIT_POLICY=ACTIVE", True, "0,1", "ACTIVE", 20),
-    ("bitcpm, 2 threads, OMP_WAIT_POLICY=PASSIVE", True, "0,1", "PASSIVE", 20),
-    ("bitcpm, 1 thread, max_logprobs=-1", True, "0", None, -1),
+    ("stock, 1 thread", False, 1, None, 20, True),
+    ("stock, 2 threads", False, 2, None, 20, True),
+    ("bitcpm, 1 thread", True, 1, None, 20, True),
+    ("bitcpm, 2 threads", True, 2, None, 20, True),
+    ("bitcpm, 2 threads, OMP_WAIT_POLICY=ACTIVE", True, 2, "ACTIVE", 20, True),
+    ("bitcpm, 2 threads, OMP_WAIT_POLICY=PASSIVE", True, 2, "PASSIVE", 20, True),
+    ("bitcpm, 1 thread, max_logprobs=-1", True, 1, None, -1, True),
+    ("stock, vLLM processes, bind auto", False, None, None, 20, False),
+    ("bitcpm, vLLM processes, bind auto", True, None, None, 20, False),
 ]
 
 
@@ -46,26 +53,34 @@ def _child(model: str, max_logprobs: int) -> None:
         llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - start
 
+    from engine_sides import torch_threads
+
+    (threads, *_) = llm.apply_model(torch_threads)
     seconds(8)
     first = min(seconds(1) for _ in range(3))
     total = min(seconds(65) for _ in range(3))
-    print("RESULT " + json.dumps({"ms_per_token": (total - first) / 64 * 1000}), flush=True)
+    print("RESULT " + json.dumps({"ms_per_token": (total - first) / 64 * 1000, "model_threads": threads}), flush=True)
 
 
 def main() -> None:
     from tqdm import tqdm
 
-    from engine_sides import RESULTS_DIR, machine, resolve_model
+    from engine_sides import RESULTS_DIR, machine, model_threads_env, resolve_model
 
     class Args:
         model, synthetic, checkpoints = None, "bitcpm4-0.5b", "checkpoints"
 
     model = resolve_model(Args)
     rows = []
-    for label, plugin, bind, policy, max_logprobs in tqdm(CASES, unit="engine"):
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_PLUGINS": "bitcpm" if plugin else "",
-               "VLLM_CPU_OMP_THREADS_BIND": bind}
-        env.pop("OMP_WAIT_POLICY", None)
+    for label, plugin, threads, policy, max_logprobs, in_process in tqdm(CASES, unit="engine"):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND",
+                            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+        env["VLLM_PLUGINS"] = "bitcpm" if plugin else ""
+        if in_process:
+            env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **model_threads_env(threads)})
+        else:
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(_threads) crosses processes
         if policy:
             env["OMP_WAIT_POLICY"] = policy
         out = subprocess.run([sys.executable, __file__, "--child", model, str(max_logprobs)], env=env,
@@ -73,12 +88,17 @@ def main() -> None:
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{label}: no result\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        ms = json.loads(line[7:])["ms_per_token"]
-        rows.append({"case": label, "threads_bind": bind, "omp_wait_policy": policy,
-                     "max_logprobs": max_logprobs, "ms_per_token": ms, "tok_per_s": 1000 / ms})
-    print("\n| case | ms/token | tok/s |\n|---|---:|---:|")
+        result = json.loads(line[7:])
+        if threads is not None and result["model_threads"] != threads:
+            raise SystemExit(f"{label}: the model ran {result['model_threads']} threads, not {threads}")
+        ms = result["ms_per_token"]
+        rows.append({"case": label, "model_threads": result["model_threads"], "in_process": in_process,
+                     "omp_wait_policy": policy, "max_logprobs": max_logprobs, "ms_per_token": ms,
+                     "tok_per_s": 1000 / ms})
+        tqdm.write(f"{label}: {result['model_threads']} model threads, {1000 / ms:.1f} tok/s")
+    print("\n| case | model threads | ms/token | tok/s |\n|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['ms_per_token']:.2f} | {r['tok_per_s']:.1f} |")
+        print(f"| {r['case']} | {r['model_threads']} | {r['ms_per_token']:.2f} | {r['tok_per_s']:.1f} |")
     path = RESULTS_DIR / "thread_scaling.json"
     path.write_text(json.dumps({"model": model, "machine": machine(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")

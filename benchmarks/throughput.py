@@ -153,6 +153,7 @@ def flat_metrics(side_result: dict) -> dict:
         "plugin_log": side_result.get("plugin_log"),
         "env": side_result.get("env"),
         "model_threads_bind": side_result["model_threads_bind"],
+        "model_threads": side_result["model_threads"],
     }
 
 
@@ -260,8 +261,9 @@ def assemble(model: str, settings: dict, spec: dict, runs: dict, info: dict) -> 
         } if "error" not in stock else {}
     return {"model": model, "settings": settings, "spec": spec, "machine": info,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "threads_bind": "model threads pinned with VLLM_CPU_OMP_THREADS_BIND (first N allowed CPUs); "
-                            "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)",
+            "threads_bind": "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) with N OpenMP threads pinned "
+                            "to the first N allowed CPUs (OMP_NUM_THREADS/OMP_PLACES/OMP_PROC_BIND; "
+                            "torch.get_num_threads() checked in each engine)",
             "runs": runs, "ratios": ratios}
 
 
