@@ -5,8 +5,10 @@ M in {1, 10, 252} tokens it times: the ternary kernel (exact and int8 activation
 F.linear in bf16 and fp32 with an (N, K) weight, and the PyTorch reference op (unpack + dense).
 It reports time per call (median), weight bytes streamed per second (packed 2-bit codes +
 scales for ternary, the dense weight for F.linear), GMAC/s, and the measured memory-bandwidth
-ceiling beside them; plus a "whole model" line (24 layers x one of each shape at M=1). Runs
-with 1 and 2 threads. Prints Markdown, writes benchmarks/results/kernels.json.
+ceiling beside them; plus a "whole model" line (24 layers x one of each shape at M=1). The
+bf16 lm_head (73448 x 1024, tied embedding) at M in {1, 2, 4, 10}: vLLM's oneDNN call (what
+stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear. Runs with 1
+and 2 threads. Prints Markdown, writes benchmarks/results/kernels.json.
 
     python benchmarks/kernels.py [--quick]
 """
@@ -28,6 +30,8 @@ from vllm_bitcpm.ops import cpu as cpu_kernel
 from vllm_bitcpm.ops import reference
 
 SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
+HEAD = (1024, 73448)  # lm_head K -> N (vocabulary)
+HEAD_MS = (1, 2, 4, 10)
 LAYERS = 24
 MS = (1, 10, 252)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,13 +105,38 @@ def bench_threads(threads: int, quick: bool) -> dict:
                         "gmacs": m * k * n / t / 1e9,
                     }
                 )
+    out["rows"] += bench_head(min_time)
     per_method = {}
     for r in out["rows"]:
+        if r["layer"] == "lm_head":
+            continue
         if r["M"] == 1:
             per_method.setdefault(r["method"], 0.0)
             per_method[r["method"]] += r["us_per_call"] * LAYERS / 1e3
     out["whole_model_ms_per_token"] = per_method
     return out
+
+
+def bench_head(min_time: float) -> list[dict]:
+    """The bf16 lm_head at decode sizes: oneDNN (stock vLLM's CPU call) vs bf16_gemv vs F.linear."""
+    from vllm import _custom_ops as vllm_ops
+
+    k, n = HEAD
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    handle = vllm_ops.create_onednn_mm(weight.t(), 32) if vllm_ops._supports_onednn else None
+    rows = []
+    for m in HEAD_MS:
+        x = torch.randn(m, k).to(torch.bfloat16)
+        cases = {"dense bf16 F.linear": lambda: F.linear(x, weight)}
+        if handle is not None:
+            cases["dense bf16 oneDNN (vLLM)"] = lambda: vllm_ops.onednn_mm(handle, x, None)
+        if cpu_kernel.AVAILABLE:
+            cases["dense bf16 bf16_gemv (plugin)"] = lambda: torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
+        for method, fn in cases.items():
+            t = timeit(fn, min_time=min_time)
+            rows.append({"layer": "lm_head", "K": k, "N": n, "M": m, "method": method, "us_per_call": t * 1e6,
+                         "weight_gbs": weight.numel() * 2 / t / 1e9, "gmacs": m * k * n / t / 1e9})
+    return rows
 
 
 def to_markdown(res: dict) -> str:

@@ -1,4 +1,12 @@
-"""Opt-in int8 lm_head: the logits matmul reads 1 byte per weight instead of 2.
+"""The lm_head of a ternary model: a streaming bf16 kernel for decode, and an opt-in int8 copy.
+
+Decode-sized logits (``bf16_gemv_max_tokens`` tokens or fewer, bf16, CPU, model with ternary
+layers) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as vLLM's oneDNN call
+(exact products, fp32 sums, one rounding to bf16) but read as one sequential stream, which a
+single core sustains at a higher bandwidth (benchmarks/kernels.py, "lm_head" rows). Larger
+batches, dense checkpoints and ``VLLM_BITCPM_FUSED_CPU_OPS=0`` keep vLLM's own call.
+
+Opt-in int8 lm_head: the logits matmul reads 1 byte per weight instead of 2.
 
 BitCPM keeps the tied embedding / lm_head in high precision. Once the linear layers are
 ternary (~86 MiB for BitCPM4-0.5B), the bf16 head (73448 x 1024, 144 MiB) is the biggest read
@@ -12,6 +20,7 @@ suite and benchmarks, not assumed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
@@ -51,3 +60,49 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
             scales = layer.int8_scales_by_dtype[x.dtype] = layer.int8_scales.to(x.dtype)
         logits = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.int8_weight, scales)
         return logits if bias is None else logits + bias
+
+
+#: Largest token count sent to ``bf16_gemv``: it beats oneDNN at 1 and 2 tokens and loses from
+#: 4 on, where the matmul stops being a pure memory stream (benchmarks/kernels.py "lm_head" rows).
+BF16_GEMV_MAX_TOKENS = 2
+
+
+def bf16_gemv_available() -> bool:
+    from vllm_bitcpm.ops import cpu as cpu_kernel
+
+    return cpu_kernel.AVAILABLE and hasattr(torch.ops.bitcpm_cpu, "bf16_gemv")
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
+
+
+def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of up to BF16_GEMV_MAX_TOKENS bf16 tokens from the bf16 head, streamed once."""
+    weight = layer.weight
+    if (x.dim() == 2 and x.shape[0] <= BF16_GEMV_MAX_TOKENS and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.is_contiguous()
+            and self.bitcpm_active()):
+        logits = _gemv(x, weight)
+        return logits if bias is None else logits + bias
+    return super(type(self), self).apply(layer, x, bias)
+
+
+def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]) -> bool:
+    """Route the dense head's decode-sized logits through ``bf16_gemv``; whether it was installed.
+
+    The head's quant method (vLLM's ``UnquantizedEmbeddingMethod``) changes class in place to a
+    subclass that overrides ``apply`` only, as vllm_bitcpm.cpu_fused does for its modules; the
+    weight and vLLM's own oneDNN handle stay for every call the kernel does not take.
+    """
+    from vllm_bitcpm.cpu_fused import FUSED_ENV
+
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if (os.environ.get(FUSED_ENV, "1") == "0" or type(method) is not UnquantizedEmbeddingMethod
+            or not bf16_gemv_available()):
+        return False
+    method.__class__ = type("StreamingBf16" + UnquantizedEmbeddingMethod.__name__, (UnquantizedEmbeddingMethod,),
+                            {"apply": _streaming_apply, "__doc__": _streaming_apply.__doc__})
+    method.bitcpm_active = active
+    return True

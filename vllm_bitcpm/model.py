@@ -18,7 +18,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
 
-from vllm_bitcpm import checkpoint_files, cpu_fused
+from vllm_bitcpm import checkpoint_files, cpu_fused, lm_head
 from vllm_bitcpm.quantization import BitCPMConfig
 
 
@@ -54,6 +54,7 @@ class BitCPMForCausalLM(MiniCPMForCausalLM):
         checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
         loaded = super().load_weights(weights)
         cpu_fused.install(self, self._has_ternary_layers)
+        lm_head.install_cpu_decode_kernel(self, self._has_ternary_layers)
         return loaded
 
     def _has_ternary_layers(self) -> bool:
