@@ -1,7 +1,7 @@
 """The lm_head of a ternary model: a streaming bf16 kernel for decode, and an opt-in int8 copy.
 
-Decode-sized logits (``bf16_gemv_max_tokens`` tokens or fewer, bf16, CPU, model with ternary
-layers) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as vLLM's oneDNN call
+Decode-sized logits (``BF16_GEMV_MAX_TOKENS`` tokens or fewer, bf16, CPU with AVX512-BF16,
+model with ternary layers) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as vLLM's oneDNN call
 (exact products, fp32 sums, one rounding to bf16) but read as one sequential stream, which a
 single core sustains at a higher bandwidth (benchmarks/kernels.py, "lm_head" rows). Larger
 batches, dense checkpoints and ``VLLM_BITCPM_FUSED_CPU_OPS=0`` keep vLLM's own call.
@@ -73,6 +73,12 @@ def bf16_gemv_available() -> bool:
     return cpu_kernel.AVAILABLE and hasattr(torch.ops.bitcpm_cpu, "bf16_gemv")
 
 
+def bf16_gemv_measured_faster() -> bool:
+    """The head takes the kernel only where it was measured to beat oneDNN: AVX512-BF16 CPUs.
+    Its AVX2 path is correct (tested) but has not been timed against oneDNN on an AVX2-only CPU."""
+    return bf16_gemv_available() and torch.ops.bitcpm_cpu.bf16_gemv_isa() == "avx512bf16"
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
 
@@ -100,7 +106,7 @@ def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]
     head = getattr(model, "lm_head", None)
     method = getattr(head, "quant_method", None)
     if (os.environ.get(FUSED_ENV, "1") == "0" or type(method) is not UnquantizedEmbeddingMethod
-            or not bf16_gemv_available()):
+            or not bf16_gemv_measured_faster()):
         return False
     method.__class__ = type("StreamingBf16" + UnquantizedEmbeddingMethod.__name__, (UnquantizedEmbeddingMethod,),
                             {"apply": _streaming_apply, "__doc__": _streaming_apply.__doc__})
