@@ -105,6 +105,8 @@ PLUGIN_JOBS = [
     ("forced_dense", "dense", {"quantization": "bitcpm"}),
     ("truncated", "truncated", {}),
     ("bf16", "per_row", {"dtype": "bfloat16"}),
+    # one sequence at a time: every logits call has one token (the lm_head's decode kernel)
+    ("bf16_one_at_a_time", "per_row", {"dtype": "bfloat16", "llm_kwargs": {"max_num_seqs": 1}}),
 ]
 
 

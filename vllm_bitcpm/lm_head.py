@@ -19,11 +19,14 @@ suite and benchmarks, not assumed.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+logger = logging.getLogger("vllm.bitcpm")
 
 LM_HEAD_ENV = "VLLM_BITCPM_LM_HEAD"
 LM_HEAD_MODES = ("dense", "int8")
@@ -89,9 +92,16 @@ def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.
     if (x.dim() == 2 and x.shape[0] <= BF16_GEMV_MAX_TOKENS and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.is_contiguous()
             and self.bitcpm_active()):
+        if not _streaming_apply.logged:
+            _streaming_apply.logged = True
+            logger.info("bitcpm: lm_head logits for <= %d tokens through bf16_gemv (%s)", BF16_GEMV_MAX_TOKENS,
+                        torch.ops.bitcpm_cpu.bf16_gemv_isa())
         logits = _gemv(x, weight)
         return logits if bias is None else logits + bias
     return super(type(self), self).apply(layer, x, bias)
+
+
+_streaming_apply.logged = False
 
 
 def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]) -> bool:
