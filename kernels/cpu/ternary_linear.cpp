@@ -16,9 +16,10 @@
 //   exact mode, prefill (M >= kGemmMinM): a tile of rows is dequantized (same 2-instruction
 //     trick) into a thread-local float buffer, then at::mm does the GEMM on the tile.
 //   exact mode, bf16 activations on AVX512-BF16 CPUs (the engine's dtype for BitCPM4):
-//     decode: `vpsrlw` + `vpermw` turn a 64-byte code load into 32 bf16 weights {-1,0,1} per
-//     step, `vdpbf16ps` multiplies them with 32 bf16 activations (exact products, fp32 sums):
-//     3 instructions per 32 weights; prefill: rows dequantized straight to bf16 for at::mm.
+//     decode: `vpermw` (plus a `vpsrlw` every other step) turns a 64-byte code load into 32
+//     bf16 weights {-1,0,1} per step, `vdpbf16ps` multiplies them with 32 bf16 activations
+//     (exact products, fp32 sums): 2.5 instructions per 32 weights; prefill: rows dequantized
+//     straight to bf16 for at::mm.
 //   int8 mode: x is quantized once per call (per-token absmax, as the reference), with per-group
 //     sums of q; inner loop `vpmaddubsw(codes, q)` (codes = t+1 unsigned), widened with
 //     `vpmaddwd(., 1)` (AVX512-VNNI: one `vpdpbusd`), and sum(q) per group subtracted.
@@ -613,11 +614,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
 
 // ------------------------------------------------------------------------------------------
 // AVX512-BF16 path: exact mode with bf16 activations (the engine's dtype for BitCPM4), decode.
-// A 64-byte load covers two blocks (a 256-weight chunk) as 32 16-bit words. `vpsrlw` by 2t then
-// `vpermw` from a table {-1, 0, +1, 0} (repeated: vpermw reads the low 5 bits of each word, i.e.
-// the code plus 3 bits of the next fields) gives 32 ternary weights as bf16, exactly; `vdpbf16ps`
-// multiplies them with 32 bf16 activations (products exact in fp32) and adds pairs into 16 fp32
-// lanes. So 3 instructions per 32 weights, against 3 per 16 for the fp32 path. Word w of step t
+// A 64-byte load covers two blocks (a 256-weight chunk) as 32 16-bit words. `vpermw` from a
+// table {-1, 0, +1, 0} (vpermw reads the low 5 bits of each word: see ternary_bf16_step) gives
+// 32 ternary weights as bf16, exactly; `vdpbf16ps` multiplies them with 32 bf16 activations
+// (products exact in fp32) and adds pairs into 16 fp32 lanes. So 2.5 instructions per 32
+// weights, against 3 per 16 for the fp32 path. Word w of step t
 // holds element 128*(w/16) + e(w%16, t), e(l, t) = t < 4 ? 2l + 32t : 2l + 1 + 32(t - 4), and x is
 // permuted once per call into that order. The scale is applied per 128-weight half-chunk group,
 // so this path needs G == 1 or group_size >= 128 (others take the fp32 path).
