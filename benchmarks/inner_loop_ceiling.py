@@ -12,6 +12,7 @@ ternary weights of BitCPM4-0.5B per decode token, beside the kernel's measured w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,12 +26,19 @@ MODEL_WEIGHTS = 24 * 1024 * (1280 + 1024 + 8192) + 24 * 4096 * 1024  # BitCPM4-0
 
 
 def main() -> None:
+    import argparse
+
     from engine_sides import machine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "inner_loop_ceiling"
         subprocess.run(["g++", "-O3", "-o", str(binary), str(SOURCE)], check=True)
-        out = subprocess.run(["taskset", "-c", "0", str(binary), "1024", "1024"], check=True, capture_output=True,
+        cpu = str(min(os.sched_getaffinity(0)))
+        out = subprocess.run(["taskset", "-c", cpu, str(binary), "1024", "1024"], check=True, capture_output=True,
                              text=True).stdout
     rows = json.loads(out)
     if isinstance(rows, dict):
@@ -48,9 +56,9 @@ def main() -> None:
     if measured:
         print(f"| the kernel, whole model (benchmarks/kernels.py, 1 thread) | {MODEL_WEIGHTS / measured / 1e6:.1f} "
               f"| {measured:.2f} |")
-    RESULT.write_text(json.dumps({"machine": machine(), "rows": rows, "kernel_whole_model_ms": measured,
+    args.out.write_text(json.dumps({"machine": machine(), "rows": rows, "kernel_whole_model_ms": measured,
                                   "model_weights": MODEL_WEIGHTS}, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

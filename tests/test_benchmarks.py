@@ -62,6 +62,7 @@ def test_smoke_machine_and_settings_are_recorded(smoke):
     assert tp["settings"]["dtype"] == "bfloat16" and tp["settings"]["max_model_len"] == 1024
     for side in SIDES:  # one model thread each, pinned to one of this machine's CPUs
         assert int(tp["runs"]["1"][side]["model_threads_bind"]) in os.sched_getaffinity(0)
+        assert tp["runs"]["1"][side]["model_threads"] == 1  # the in-process engine really ran 1 thread
 
 
 def test_smoke_accuracy_fields(smoke):
@@ -120,3 +121,17 @@ def test_transformers_reference_fails_clearly_without_modelling_code(smoke):
     accuracy = _benchmark_module("accuracy")
     with pytest.raises(SystemExit, match="--reference transformers: cannot load"):
         accuracy.reference_logits(report["model"], [[1, 2, 3]], "transformers", "float32", 1024, True)
+
+
+def test_inner_loop_ceiling_runs(tmp_path):
+    """benchmarks/inner_loop_ceiling.py builds its C++ loop and reports every variant."""
+    from vllm_bitcpm.ops import cpu as cpu_kernel
+
+    if "avx512bf16" not in cpu_kernel.isa_available():
+        pytest.skip("the measured loop is the AVX512-BF16 one")
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "inner_loop_ceiling.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["gweights_per_s"] > 0 and r["model_ms_per_token"] > 0 for r in rows)
