@@ -82,6 +82,9 @@ def bf16_gemv_measured_faster() -> bool:
     return bf16_gemv_available() and torch.ops.bitcpm_cpu.bf16_gemv_isa() == "avx512bf16"
 
 
+_kernel_logged = False  # the first call through the kernel says so in the engine log
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
 
@@ -92,16 +95,14 @@ def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.
     if (x.dim() == 2 and x.shape[0] <= BF16_GEMV_MAX_TOKENS and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.is_contiguous()
             and self.bitcpm_active()):
-        if not _streaming_apply.logged:
-            _streaming_apply.logged = True
+        global _kernel_logged
+        if not _kernel_logged:
+            _kernel_logged = True
             logger.info("bitcpm: lm_head logits for <= %d tokens through bf16_gemv (%s)", BF16_GEMV_MAX_TOKENS,
                         torch.ops.bitcpm_cpu.bf16_gemv_isa())
         logits = _gemv(x, weight)
         return logits if bias is None else logits + bias
     return super(type(self), self).apply(layer, x, bias)
-
-
-_streaming_apply.logged = False
 
 
 def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]) -> bool:

@@ -18,6 +18,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -54,13 +56,6 @@ void gemv_scalar(const Gemv& g, int64_t n0, int64_t n1) {
       g.y[m * g.N + n] = acc;
     }
   }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 __attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p) {
@@ -152,16 +147,9 @@ void gemv_bf16(const Gemv& g, int64_t n0, int64_t n1) {
   }
 }
 
-bool has_avx512bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
 std::string best_gemv_isa() {
-  if (has_avx512bf16()) return "avx512bf16";
-  if (has_avx2()) return "avx2";
+  if (cpu_has_avx512bf16()) return "avx512bf16";
+  if (cpu_has_avx2()) return "avx2";
   return "scalar";
 }
 
@@ -179,7 +167,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
   TORCH_CHECK(x.size(0) <= kMaxTokens, "bitcpm bf16_gemv: at most ", kMaxTokens, " tokens, got ", x.size(0));
   TORCH_CHECK(weight.is_contiguous(), "bitcpm bf16_gemv: weight must be contiguous");
   const std::string isa = isa_name.empty() ? best_gemv_isa() : isa_name;
-  TORCH_CHECK(isa == "scalar" || (isa == "avx2" && has_avx2()) || (isa == "avx512bf16" && has_avx512bf16()),
+  TORCH_CHECK(isa == "scalar" || (isa == "avx2" && cpu_has_avx2()) || (isa == "avx512bf16" && cpu_has_avx512bf16()),
               "bitcpm bf16_gemv: ISA path '", isa, "' is not available on this CPU");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));

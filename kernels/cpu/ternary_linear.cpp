@@ -33,6 +33,8 @@
 #include <Python.h>
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -54,25 +56,6 @@ constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile st
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-}
-bool cpu_has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni");
-}
-
-bool cpu_has_avx512bf16() {
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-}
 
 Isa best_isa() {
   static const Isa isa = [] {
@@ -235,13 +218,6 @@ void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs,
 
 // ------------------------------------------------------------------------------------------
 // AVX2 + FMA path
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 __attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
