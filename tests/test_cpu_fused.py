@@ -95,6 +95,24 @@ def test_fused_rms_norm_matches_float64(dtype):
     assert got.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_and_mul_matches_float64(dtype):
+    from vllm.model_executor.layers.activation import SiluAndMul
+
+    model = Holder(SiluAndMul())
+    active, calls = [True], []
+    assert cpu_fused.install(model, lambda: calls.append(1) or active[0]) == 1
+    x = (torch.randn(5, 2 * 96) * 4).to(dtype)
+    x64 = x.to(torch.float64)
+    expected = torch.nn.functional.silu(x64[:, :96]) * x64[:, 96:]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    got = model.child(x)
+    assert calls and got.dtype == dtype and got.shape == (5, 96), "the fused path was not consulted"
+    torch.testing.assert_close(got.to(torch.float64), expected, rtol=tol, atol=tol)
+    active[0] = False  # dense checkpoint: stock's native composite
+    torch.testing.assert_close(model.child(x).to(torch.float64), expected, rtol=tol, atol=tol)
+
+
 def test_install_keeps_parameter_names_and_shares_one_rope():
     from vllm.model_executor.layers.layernorm import RMSNorm
 

@@ -1,15 +1,16 @@
-"""LongRoPE and RMSNorm of a ternary MiniCPM through vLLM's fused CPU kernels.
+"""LongRoPE, RMSNorm and SiluAndMul of a ternary MiniCPM through vLLM's fused CPU kernels.
 
 Once the linear layers are ternary, a CPU decode step spends as long in the small ops around
 them as in the matmuls: on vLLM 0.32's CPU platform, MiniCPM's LongRoPE
 (``Phi3LongRoPEScaledRotaryEmbedding``) runs ~25 PyTorch ops per layer (gather, chunk, repeat,
-rotate, cat) and RMSNorm runs its native composite (~8 ops), because vLLM only has CPU kernels
-wired for plain RoPE and for GPU RMSNorm. vLLM's CPU build does ship both kernels
-(``_C.rotary_embedding``, ``_C.rms_norm``); these modules call them with the same cos/sin cache
-and epsilon, computing in float32 inside the kernel where the composites round to the model
-dtype between ops (so results differ from stock by rounding only).
+rotate, cat), RMSNorm runs its native composite (~8 ops) and the MLP's SiluAndMul its native
+slice + silu + multiply, because vLLM wires CPU kernels only for plain RoPE, GPU RMSNorm and
+POWER's SiluAndMul. vLLM's x86 CPU build does ship all three kernels (``_C.rotary_embedding``,
+``_C.rms_norm``, ``_C.silu_and_mul``); these modules call them with the same cos/sin cache and
+epsilon, computing in float32 inside the kernel where the composites round to the model dtype
+between ops (so results differ from stock by rounding only).
 
-On the synthetic BitCPM4-0.5B shape this cuts the op calls of a decode step from 6950 to 2773
+On the synthetic BitCPM4-0.5B shape this cuts the op calls of a decode step from 6950 to 2677
 (``VLLM_BITCPM_FUSED_CPU_OPS=0`` vs ``1``, benchmarks/profile_decode.py).
 
 They take effect only while ``active()`` is true (the model has ternary layers), so a dense
@@ -36,7 +37,7 @@ def fused_kernels_available() -> bool:
         return False
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
-    return hasattr(torch.ops._C, "rotary_embedding") and hasattr(torch.ops._C, "rms_norm")
+    return all(hasattr(torch.ops._C, op) for op in ("rotary_embedding", "rms_norm", "silu_and_mul"))
 
 
 def _fused_class(stock_class: type, forward) -> type:
@@ -68,14 +69,26 @@ def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = Non
     return out
 
 
+def _silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """vLLM's SiluAndMul (silu(x[..., :d]) * x[..., d:]) through ``_C.silu_and_mul``."""
+    if not self.bitcpm_active():
+        return super(type(self), self).forward(x)
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
+    torch.ops._C.silu_and_mul(out, x)
+    return out
+
+
 def install(model: nn.Module, active: Callable[[], bool]) -> int:
-    """Give every LongRoPE and plain RMSNorm module of ``model`` the fused forward; returns how many.
+    """Give every LongRoPE, plain RMSNorm and SiluAndMul module of ``model`` the fused forward;
+    returns how many.
 
     The modules change class in place (to a subclass with only ``forward`` overridden), so their
     loaded parameters and names stay as vLLM's weight loader tracks them.
     """
     if os.environ.get(FUSED_ENV, "1") == "0" or not fused_kernels_available():
         return 0
+    from vllm.model_executor.layers.activation import SiluAndMul
     from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
         Phi3LongRoPEScaledRotaryEmbedding,
@@ -83,6 +96,7 @@ def install(model: nn.Module, active: Callable[[], bool]) -> int:
 
     rope_class = _fused_class(Phi3LongRoPEScaledRotaryEmbedding, _longrope_forward)
     norm_class = _fused_class(RMSNorm, _rms_norm_forward)
+    silu_class = _fused_class(SiluAndMul, _silu_and_mul_forward)
     changed = 0
     for module in model.modules():  # unique modules (vLLM's get_rope shares one across layers)
         if type(module) is Phi3LongRoPEScaledRotaryEmbedding:
@@ -92,6 +106,8 @@ def install(model: nn.Module, active: Callable[[], bool]) -> int:
             module.__class__ = rope_class
         elif type(module) is RMSNorm and module.has_weight and module.variance_size_override is None:
             module.__class__ = norm_class
+        elif type(module) is SiluAndMul:
+            module.__class__ = silu_class
         else:
             continue
         module.bitcpm_active = active
