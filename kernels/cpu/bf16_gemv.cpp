@@ -86,7 +86,7 @@ __attribute__((target("avx2,fma"))) void gemv_avx2(const Gemv& g, int64_t n0, in
 // AVX512-BF16: one row at a time, every token, 32 weights per `vdpbf16ps`; A accumulator chains
 // over k hide the instruction's latency. One row at a time keeps the weight read a single
 // sequential stream, which the hardware prefetcher follows best (interleaving 2 or 4 rows, the
-// obvious way to share activation loads, measured ~2x slower on one core). The K tail is a
+// obvious way to share activation loads, was slower than oneDNN on one core). The K tail is a
 // masked load (zeros contribute nothing).
 template <int MB, int A>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16_t(const Gemv& g, int64_t m0,

@@ -51,8 +51,8 @@ constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many token
 constexpr float kInvNumerator = 127.0f;
 constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
 // Calls below this many multiply-adds stay on the calling thread. Every BitCPM4-0.5B layer is
-// above it: at M = 1 with 2 threads, splitting qkv (1.3M) and o (1M) as well made the 96-call
-// sequence ~10% faster than keeping calls under 2M on one thread (A/B in one process).
+// above it (qkv 1.3M and o 1M used to stay on one thread at 2M; splitting them too cut the
+// profiled ternary time of a 2-thread decode step, benchmarks/profile_decode.py --threads 2).
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
@@ -661,7 +661,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) inline 
 // low 5 bits of each index word, so table lo (period 4) decodes field 0 and table hi (each entry
 // repeated 4 times) decodes field 1 of the same word; fields 2u and 2u+1 share one `vpsrlw` by
 // 4u. 4 shifts per 8 steps instead of 7: the decode shares execution ports with `vdpbf16ps`, so
-// this is ~20% faster (benchmarks/inner_loop_ceiling.py).
+// fewer decode instructions speed up the loop (benchmarks/inner_loop_ceiling.py, "two tables").
 struct TernaryBf16Tables {
   __m512i lo, hi;
 };
