@@ -68,16 +68,6 @@ def test_nan_and_inf_propagate_as_dense(isa):
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
 
 
-def test_all_isas_agree_with_each_other():
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(3, 777, generator=gen).to(torch.bfloat16)
-    w = torch.randn(64, 777, generator=gen).to(torch.bfloat16)
-    outs = {isa: torch.ops.bitcpm_cpu.bf16_gemv(x, w, isa).float() for isa in ISAS if runnable(isa)}
-    ref = oracle(x, w)
-    for isa, y in outs.items():
-        assert ((y.double() - ref).abs() <= bound(x, w)).all(), isa
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_split_across_threads(threads):
     old = torch.get_num_threads()

@@ -147,10 +147,22 @@ void gemv_bf16(const Gemv& g, int64_t n0, int64_t n1) {
   }
 }
 
+using RowsFn = void (*)(const Gemv&, int64_t, int64_t);
+
+// The routine for an ISA path name ("" = the best this CPU runs, decided once), or nullptr when
+// the CPU cannot run it.
+RowsFn gemv_routine(const std::string& isa) {
+  static const std::string best = cpu_has_avx512bf16() ? "avx512bf16" : (cpu_has_avx2() ? "avx2" : "scalar");
+  const std::string& name = isa.empty() ? best : isa;
+  if (name == "avx512bf16") return cpu_has_avx512bf16() ? &gemv_bf16 : nullptr;
+  if (name == "avx2") return cpu_has_avx2() ? &gemv_avx2 : nullptr;
+  if (name == "scalar") return &gemv_scalar;
+  return nullptr;
+}
+
 std::string best_gemv_isa() {
-  if (cpu_has_avx512bf16()) return "avx512bf16";
-  if (cpu_has_avx2()) return "avx2";
-  return "scalar";
+  const RowsFn fn = gemv_routine("");
+  return fn == &gemv_bf16 ? "avx512bf16" : (fn == &gemv_avx2 ? "avx2" : "scalar");
 }
 
 }  // namespace
@@ -166,19 +178,14 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
               weight.size(1));
   TORCH_CHECK(x.size(0) <= kMaxTokens, "bitcpm bf16_gemv: at most ", kMaxTokens, " tokens, got ", x.size(0));
   TORCH_CHECK(weight.is_contiguous(), "bitcpm bf16_gemv: weight must be contiguous");
-  const std::string isa = isa_name.empty() ? best_gemv_isa() : isa_name;
-  TORCH_CHECK(isa == "scalar" || (isa == "avx2" && cpu_has_avx2()) || (isa == "avx512bf16" && cpu_has_avx512bf16()),
-              "bitcpm bf16_gemv: ISA path '", isa, "' is not available on this CPU");
+  const RowsFn rows = gemv_routine(isa_name);
+  TORCH_CHECK(rows != nullptr, "bitcpm bf16_gemv: ISA path '", isa_name, "' is not available on this CPU");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
   const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
                y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0)};
   if (g.M > 0 && g.N > 0) {
-    at::parallel_for(0, g.N, kRowGrain, [&](int64_t n0, int64_t n1) {
-      if (isa == "avx512bf16") gemv_bf16(g, n0, n1);
-      else if (isa == "avx2") gemv_avx2(g, n0, n1);
-      else gemv_scalar(g, n0, n1);
-    });
+    at::parallel_for(0, g.N, kRowGrain, [&](int64_t n0, int64_t n1) { rows(g, n0, n1); });
   }
   return y.to(at::kBFloat16);
 }
