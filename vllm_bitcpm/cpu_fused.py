@@ -40,9 +40,19 @@ def fused_kernels_available() -> bool:
     return all(hasattr(torch.ops._C, op) for op in ("rotary_embedding", "rms_norm", "silu_and_mul"))
 
 
+def switched_on() -> bool:
+    """``VLLM_BITCPM_FUSED_CPU_OPS`` is not ``0`` (also read by vllm_bitcpm.lm_head)."""
+    return os.environ.get(FUSED_ENV, "1") != "0"
+
+
+def subclass_overriding(stock_class: type, prefix: str, name: str, method) -> type:
+    """A subclass of ``stock_class`` with only ``name`` replaced by ``method``: modules switched
+    to it in place keep their parameters, names and every other behaviour."""
+    return type(f"{prefix}{stock_class.__name__}", (stock_class,), {name: method, "__doc__": method.__doc__})
+
+
 def _fused_class(stock_class: type, forward) -> type:
-    """A subclass of ``stock_class`` whose forward is ``forward`` (see :func:`install`)."""
-    return type(f"Fused{stock_class.__name__}", (stock_class,), {"forward": forward, "__doc__": forward.__doc__})
+    return subclass_overriding(stock_class, "Fused", "forward", forward)
 
 
 def _longrope_forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None,
@@ -86,7 +96,7 @@ def install(model: nn.Module, active: Callable[[], bool]) -> int:
     The modules change class in place (to a subclass with only ``forward`` overridden), so their
     loaded parameters and names stay as vLLM's weight loader tracks them.
     """
-    if os.environ.get(FUSED_ENV, "1") == "0" or not fused_kernels_available():
+    if not switched_on() or not fused_kernels_available():
         return 0
     from vllm.model_executor.layers.activation import SiluAndMul
     from vllm.model_executor.layers.layernorm import RMSNorm

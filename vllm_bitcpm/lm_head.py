@@ -112,14 +112,13 @@ def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]
     subclass that overrides ``apply`` only, as vllm_bitcpm.cpu_fused does for its modules; the
     weight and vLLM's own oneDNN handle stay for every call the kernel does not take.
     """
-    from vllm_bitcpm.cpu_fused import FUSED_ENV
+    from vllm_bitcpm import cpu_fused
 
     head = getattr(model, "lm_head", None)
     method = getattr(head, "quant_method", None)
-    if (os.environ.get(FUSED_ENV, "1") == "0" or type(method) is not UnquantizedEmbeddingMethod
-            or not bf16_gemv_measured_faster()):
+    if not cpu_fused.switched_on() or type(method) is not UnquantizedEmbeddingMethod or not bf16_gemv_measured_faster():
         return False
-    method.__class__ = type("StreamingBf16" + UnquantizedEmbeddingMethod.__name__, (UnquantizedEmbeddingMethod,),
-                            {"apply": _streaming_apply, "__doc__": _streaming_apply.__doc__})
+    method.__class__ = cpu_fused.subclass_overriding(UnquantizedEmbeddingMethod, "StreamingBf16", "apply",
+                                                     _streaming_apply)
     method.bitcpm_active = active
     return True
