@@ -29,7 +29,7 @@ def _cpu_extension_kwargs() -> dict:
         return {}
     ext = CppExtension(
         name="vllm_bitcpm._cpu_kernels",
-        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/bf16_gemv.cpp"],
+        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/lm_head_gemv.cpp"],
         depends=["kernels/cpu/cpu_features.h"],
         # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
         # the kernel runs on one thread whatever torch.set_num_threads says.

@@ -7,7 +7,8 @@ It reports time per call (median), weight bytes streamed per second (packed 2-bi
 scales for ternary, the dense weight for F.linear), GMAC/s, and the measured memory-bandwidth
 ceiling beside them; plus a "whole model" line (24 layers x one of each shape at M=1). The
 bf16 lm_head (73448 x 1024, tied embedding) at M in {1, 2, 4, 10}: vLLM's oneDNN call (what
-stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear. Runs with 1
+stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear; and the opt-in
+int8 head: ATen's ``_weight_int8pack_mm`` vs the plugin's ``bitcpm_cpu.int8_gemv``. Runs with 1
 and 2 threads. Prints Markdown, writes benchmarks/results/kernels.json.
 
     python benchmarks/kernels.py [--quick]
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_bitcpm import ternary
+from vllm_bitcpm.lm_head import quantize_rows_int8
 from vllm_bitcpm.ops import cpu as cpu_kernel
 from vllm_bitcpm.ops import reference
 
@@ -118,12 +120,15 @@ def bench_threads(threads: int, quick: bool) -> dict:
 
 
 def bench_head(min_time: float) -> list[dict]:
-    """The bf16 lm_head at decode sizes: oneDNN (stock vLLM's CPU call) vs bf16_gemv vs F.linear."""
+    """The lm_head at decode sizes: bf16 through oneDNN (stock vLLM's CPU call), bf16_gemv and
+    F.linear; the opt-in int8 copy through ATen's weight-only int8 matmul and int8_gemv."""
     from vllm import _custom_ops as vllm_ops
 
     k, n = HEAD
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     handle = vllm_ops.create_onednn_mm(weight.t(), 32) if vllm_ops._supports_onednn else None
+    q, scales = quantize_rows_int8(weight)  # the opt-in int8 head (VLLM_BITCPM_LM_HEAD=int8)
+    scales16 = scales.to(torch.bfloat16)  # ATen's kernel wants scales in the activation dtype
     rows = []
     for m in HEAD_MS:
         x = torch.randn(m, k).to(torch.bfloat16)
@@ -132,10 +137,14 @@ def bench_head(min_time: float) -> list[dict]:
             cases["dense bf16 oneDNN (vLLM)"] = lambda: vllm_ops.onednn_mm(handle, x, None)
         if cpu_kernel.AVAILABLE:
             cases["dense bf16 bf16_gemv (plugin)"] = lambda: torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
+        cases["int8 ATen _weight_int8pack_mm"] = lambda: torch.ops.aten._weight_int8pack_mm(x, q, scales16)
+        if cpu_kernel.AVAILABLE:
+            cases["int8 int8_gemv (plugin)"] = lambda: torch.ops.bitcpm_cpu.int8_gemv(x, q, scales)
         for method, fn in cases.items():
             t = timeit(fn, min_time=min_time)
+            nbytes = weight.numel() * (1 if method.startswith("int8") else 2)
             rows.append({"layer": "lm_head", "K": k, "N": n, "M": m, "method": method, "us_per_call": t * 1e6,
-                         "weight_gbs": weight.numel() * 2 / t / 1e9, "gmacs": m * k * n / t / 1e9})
+                         "weight_gbs": nbytes / t / 1e9, "gmacs": m * k * n / t / 1e9})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""bitcpm_cpu.bf16_gemv (kernels/cpu/bf16_gemv.cpp), the decode lm_head kernel, against a float64
+"""bitcpm_cpu.bf16_gemv (kernels/cpu/lm_head_gemv.cpp), the decode lm_head kernel, against a float64
 matmul of the same bf16 values on every ISA path this CPU runs, and its use in the lm_head."""
 
 from __future__ import annotations

@@ -11,14 +11,18 @@ Opt-in int8 lm_head: the logits matmul reads 1 byte per weight instead of 2.
 BitCPM keeps the tied embedding / lm_head in high precision. Once the linear layers are
 ternary (~86 MiB for BitCPM4-0.5B), the bf16 head (73448 x 1024, 144 MiB) is the biggest read
 of every decode step. ``VLLM_BITCPM_LM_HEAD=int8`` quantizes the head's rows to int8 with one
-absmax scale per row (vocabulary entry) and computes logits with ATen's weight-only int8 matmul.
-The embedding lookup keeps the bf16 table (it is shared with the head when tied), so memory
+absmax scale per row (vocabulary entry). Decode-sized logits (up to ``INT8_GEMV_MAX_TOKENS``
+tokens) go through ``bitcpm_cpu.int8_gemv``, which streams the int8 rows at memory speed (each
+token rounded once to int16, integer dot products); larger batches, and CPUs without the kernel,
+use ATen's weight-only int8 matmul, which on one core runs slower than the bf16 head
+(benchmarks/kernels.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is shared with the head when tied), so memory
 grows by the int8 copy while per-token reads shrink. The accuracy cost is measured by the test
 suite and benchmarks, not assumed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -48,6 +52,13 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
+_int8_kernel_logged = False  # the first call through int8_gemv says so in the engine log
+
+
+def _int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.ops.bitcpm_cpu.int8_gemv(x, qweight, scales)
+
+
 class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
     """Embedding lookups as stock vLLM; logits through an int8 copy of the head."""
 
@@ -58,11 +69,31 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         layer.int8_scales_by_dtype = {}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= INT8_GEMV_MAX_TOKENS and x.device.type == "cpu" and int8_gemv_available():
+            global _int8_kernel_logged
+            if not _int8_kernel_logged:
+                _int8_kernel_logged = True
+                logger.info("bitcpm: int8 lm_head logits for <= %d tokens through int8_gemv (%s)",
+                            INT8_GEMV_MAX_TOKENS, torch.ops.bitcpm_cpu.int8_gemv_isa())
+            logits = _int8_gemv(x, layer.int8_weight, layer.int8_scales)
+            return logits if bias is None else logits + bias
         scales = layer.int8_scales_by_dtype.get(x.dtype)
         if scales is None:  # the ATen kernel wants scales in the activation dtype
             scales = layer.int8_scales_by_dtype[x.dtype] = layer.int8_scales.to(x.dtype)
         logits = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.int8_weight, scales)
         return logits if bias is None else logits + bias
+
+
+#: Largest token count sent to ``int8_gemv`` (the kernel's limit; it beats ATen's int8 matmul at
+#: every count up to it: benchmarks/kernels.py "lm_head" rows).
+INT8_GEMV_MAX_TOKENS = 16
+
+
+@functools.cache
+def int8_gemv_available() -> bool:
+    from vllm_bitcpm.ops import cpu as cpu_kernel
+
+    return cpu_kernel.AVAILABLE and hasattr(torch.ops.bitcpm_cpu, "int8_gemv")
 
 
 #: Largest token count sent to ``bf16_gemv``: it beats oneDNN at 1 and 2 tokens and loses from

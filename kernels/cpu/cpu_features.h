@@ -1,5 +1,5 @@
 // Run-time CPU checks and small SIMD helpers shared by the CPU kernels (ternary_linear.cpp,
-// bf16_gemv.cpp). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
+// lm_head_gemv.cpp). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
 // functions with __attribute__((target(...))) that run only after these checks pass.
 #pragma once
 
