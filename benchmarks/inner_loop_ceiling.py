@@ -6,7 +6,7 @@ Builds benchmarks/native/inner_loop_ceiling.cpp with g++ and runs the AVX512-BF1
 kernels/cpu/ternary_linear.cpp on L2-resident data, one thread: in full, with the dot products
 alone, and with the decode alone. Prints weights per second and what that means for the 357M
 ternary weights of BitCPM4-0.5B per decode token, beside the kernel's measured whole-model time
-(benchmarks/results/kernels.json). JSON in benchmarks/results/inner_loop_ceiling.json.
+(benchmarks/results/kernel_speed.json). JSON in benchmarks/results/inner_loop_ceiling.json.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     rows = json.loads(out)
     if isinstance(rows, dict):
         raise SystemExit(rows["error"])
-    kernels = HERE / "results" / "kernels.json"
+    kernels = HERE / "results" / "kernel_speed.json"
     measured = None
     if kernels.exists():
         run = next((r for r in json.loads(kernels.read_text())["runs"] if r["threads"] == 1), None)
@@ -54,7 +54,7 @@ def main() -> None:
         r["model_ms_per_token"] = MODEL_WEIGHTS / (r["gweights_per_s"] * 1e9) * 1e3
         print(f"| {r['variant']} | {r['gweights_per_s']:.1f} | {r['model_ms_per_token']:.2f} |")
     if measured:
-        print(f"| the kernel, whole model (benchmarks/kernels.py, 1 thread) | {MODEL_WEIGHTS / measured / 1e6:.1f} "
+        print(f"| the kernel, whole model (benchmarks/kernel_speed.py, 1 thread) | {MODEL_WEIGHTS / measured / 1e6:.1f} "
               f"| {measured:.2f} |")
     args.out.write_text(json.dumps({"machine": machine(), "rows": rows, "kernel_whole_model_ms": measured,
                                   "model_weights": MODEL_WEIGHTS}, indent=2) + "\n")

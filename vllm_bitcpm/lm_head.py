@@ -3,7 +3,7 @@
 Decode-sized logits (``BF16_GEMV_MAX_TOKENS`` tokens or fewer, bf16, CPU with AVX512-BF16,
 model with ternary layers) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as vLLM's oneDNN call
 (exact products, fp32 sums, one rounding to bf16) but read as one sequential stream, which a
-single core sustains at a higher bandwidth (benchmarks/kernels.py, "lm_head" rows). Larger
+single core sustains at a higher bandwidth (benchmarks/kernel_speed.py, "lm_head" rows). Larger
 batches, dense checkpoints and ``VLLM_BITCPM_FUSED_CPU_OPS=0`` keep vLLM's own call.
 
 Opt-in int8 lm_head: the logits matmul reads 1 byte per weight instead of 2.
@@ -15,7 +15,7 @@ absmax scale per row (vocabulary entry). Decode-sized logits (up to ``INT8_GEMV_
 tokens) go through ``bitcpm_cpu.int8_gemv``, which streams the int8 rows at memory speed (each
 token rounded once to int16, integer dot products); larger batches, and CPUs without the kernel,
 use ATen's weight-only int8 matmul, which on one core runs slower than the bf16 head
-(benchmarks/kernels.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is shared with the head when tied), so memory
+(benchmarks/kernel_speed.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is shared with the head when tied), so memory
 grows by the int8 copy while per-token reads shrink. The accuracy cost is measured by the test
 suite and benchmarks, not assumed.
 """
@@ -85,7 +85,7 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
 
 
 #: Largest token count sent to ``int8_gemv`` (the kernel's limit; it beats ATen's int8 matmul at
-#: every count up to it: benchmarks/kernels.py "lm_head" rows).
+#: every count up to it: benchmarks/kernel_speed.py "lm_head" rows).
 INT8_GEMV_MAX_TOKENS = 16
 
 
@@ -97,7 +97,7 @@ def int8_gemv_available() -> bool:
 
 
 #: Largest token count sent to ``bf16_gemv``: it beats oneDNN at 1 and 2 tokens and loses from
-#: 4 on, where the matmul stops being a pure memory stream (benchmarks/kernels.py "lm_head" rows).
+#: 4 on, where the matmul stops being a pure memory stream (benchmarks/kernel_speed.py "lm_head" rows).
 BF16_GEMV_MAX_TOKENS = 2
 
 

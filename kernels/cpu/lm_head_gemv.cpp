@@ -7,7 +7,7 @@
 // 1024 bf16, 144 MiB) is the largest read of a decode step, and a decode-sized matmul over it is
 // a pure memory stream. oneDNN's bf16 GEMM (vLLM's CPU path) reads it at ~13 GB/s on one core of
 // the development VM; a plain streaming loop that keeps several rows in flight does better (see
-// benchmarks/kernels.py, "lm_head" rows). Results are the dense matmul's up to float summation
+// benchmarks/kernel_speed.py, "lm_head" rows). Results are the dense matmul's up to float summation
 // order: bf16 x bf16 products are exact in fp32 and sums are fp32, rounded once to bf16.
 //
 // The int8 head halves that read again. ATen's weight-only int8 matmul (_weight_int8pack_mm)

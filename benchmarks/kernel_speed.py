@@ -9,9 +9,9 @@ ceiling beside them; plus a "whole model" line (24 layers x one of each shape at
 bf16 lm_head (73448 x 1024, tied embedding) at M in {1, 2, 4, 10}: vLLM's oneDNN call (what
 stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear; and the opt-in
 int8 head: ATen's ``_weight_int8pack_mm`` vs the plugin's ``bitcpm_cpu.int8_gemv``. Runs with 1
-and 2 threads. Prints Markdown, writes benchmarks/results/kernels.json.
+and 2 threads. Prints Markdown, writes benchmarks/results/kernel_speed.json.
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernel_speed.py [--quick]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ HEAD_MS = (1, 2, 4, 10)
 LAYERS = 24
 MS = (1, 10, 252)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULTS = Path(__file__).parent / "results" / "kernels.json"
+RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"
 
 
 def machine_info() -> dict:
