@@ -1,4 +1,4 @@
-"""Batch-1 decode vs model threads, OpenMP wait policy, max_logprobs and process layout.
+"""Batch-1 decode vs model threads, OpenMP wait policy, max_logprobs, process layout and the int8 options.
 
     .venv/bin/python benchmarks/thread_scaling.py            # synthetic BitCPM4-0.5B shape
 
@@ -23,20 +23,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: (label, plugin on, model threads, OMP_WAIT_POLICY or None, max_logprobs, engine in-process).
-#: In-process cases pin N OpenMP threads (engine_sides.model_threads_env); the last two run vLLM as
-#: `LLM(...)`/`vllm serve` users get it: engine and model worker in their own processes, threads
-#: from vLLM's own VLLM_CPU_OMP_THREADS_BIND ("auto" reserves one CPU for the engine process).
+INT8_HEAD = {"VLLM_BITCPM_LM_HEAD": "int8"}
+INT8_ALL = {"VLLM_BITCPM_LM_HEAD": "int8", "VLLM_BITCPM_ACTIVATIONS": "int8"}
+
+#: (label, plugin on, model threads, OMP_WAIT_POLICY or None, max_logprobs, engine in-process,
+#: plugin options). In-process cases pin N OpenMP threads (engine_sides.model_threads_env); the
+#: "vLLM processes" cases run vLLM as `LLM(...)`/`vllm serve` users get it: engine and model
+#: worker in their own processes, threads from vLLM's own VLLM_CPU_OMP_THREADS_BIND ("auto"
+#: reserves one CPU for the engine process). The int8 cases time the opt-in speed options.
 CASES = [
-    ("stock, 1 thread", False, 1, None, 20, True),
-    ("stock, 2 threads", False, 2, None, 20, True),
-    ("bitcpm, 1 thread", True, 1, None, 20, True),
-    ("bitcpm, 2 threads", True, 2, None, 20, True),
-    ("bitcpm, 2 threads, OMP_WAIT_POLICY=ACTIVE", True, 2, "ACTIVE", 20, True),
-    ("bitcpm, 2 threads, OMP_WAIT_POLICY=PASSIVE", True, 2, "PASSIVE", 20, True),
-    ("bitcpm, 1 thread, max_logprobs=-1", True, 1, None, -1, True),
-    ("stock, vLLM processes, bind auto", False, None, None, 20, False),
-    ("bitcpm, vLLM processes, bind auto", True, None, None, 20, False),
+    ("stock, 1 thread", False, 1, None, 20, True, {}),
+    ("stock, 2 threads", False, 2, None, 20, True, {}),
+    ("bitcpm, 1 thread", True, 1, None, 20, True, {}),
+    ("bitcpm, 2 threads", True, 2, None, 20, True, {}),
+    ("bitcpm, 2 threads, OMP_WAIT_POLICY=ACTIVE", True, 2, "ACTIVE", 20, True, {}),
+    ("bitcpm, 2 threads, OMP_WAIT_POLICY=PASSIVE", True, 2, "PASSIVE", 20, True, {}),
+    ("bitcpm, 1 thread, max_logprobs=-1", True, 1, None, -1, True, {}),
+    ("bitcpm, 1 thread, int8 lm_head", True, 1, None, 20, True, INT8_HEAD),
+    ("bitcpm, 2 threads, int8 lm_head", True, 2, None, 20, True, INT8_HEAD),
+    ("bitcpm, 1 thread, int8 activations + lm_head", True, 1, None, 20, True, INT8_ALL),
+    ("bitcpm, 2 threads, int8 activations + lm_head", True, 2, None, 20, True, INT8_ALL),
+    ("stock, vLLM processes, bind auto", False, None, None, 20, False, {}),
+    ("bitcpm, vLLM processes, bind auto", True, None, None, 20, False, {}),
+    ("bitcpm, vLLM processes, bind auto, int8 activations + lm_head", True, None, None, 20, False, INT8_ALL),
 ]
 
 
@@ -72,11 +81,12 @@ def main() -> None:
 
     model = resolve_model(Args)
     rows = []
-    for label, plugin, threads, policy, max_logprobs, in_process in tqdm(CASES, unit="engine"):
+    for label, plugin, threads, policy, max_logprobs, in_process, options in tqdm(CASES, unit="engine"):
         env = {k: v for k, v in os.environ.items()
                if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND",
-                            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+                            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", *INT8_ALL)}
         env["VLLM_PLUGINS"] = "bitcpm" if plugin else ""
+        env.update(options)
         if in_process:
             env.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **model_threads_env(threads)})
         else:
@@ -93,7 +103,7 @@ def main() -> None:
             raise SystemExit(f"{label}: the model ran {result['model_threads']} threads, not {threads}")
         ms = result["ms_per_token"]
         rows.append({"case": label, "model_threads": result["model_threads"], "in_process": in_process,
-                     "omp_wait_policy": policy, "max_logprobs": max_logprobs, "ms_per_token": ms,
+                     "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options, "ms_per_token": ms,
                      "tok_per_s": 1000 / ms})
         tqdm.write(f"{label}: {result['model_threads']} model threads, {1000 / ms:.1f} tok/s")
     print("\n| case | model threads | ms/token | tok/s |\n|---|---:|---:|---:|")

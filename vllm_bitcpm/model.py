@@ -12,6 +12,7 @@ other method such as GPTQ) is used as given.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -20,6 +21,8 @@ from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
 
 from vllm_bitcpm import checkpoint_files, cpu_fused, lm_head
 from vllm_bitcpm.quantization import BitCPMConfig
+
+logger = logging.getLogger("vllm.bitcpm")
 
 
 @contextlib.contextmanager
@@ -53,11 +56,19 @@ class BitCPMForCausalLM(MiniCPMForCausalLM):
         # fails with its name and the tensor that is cut off instead of a parser error.
         checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
         loaded = super().load_weights(weights)
-        cpu_fused.install(self, self._has_ternary_layers)
-        lm_head.install_cpu_decode_kernel(self, self._has_ternary_layers)
+        install_cpu_fast_paths(self)
         return loaded
 
-    def _has_ternary_layers(self) -> bool:
-        """Whether the bitcpm method packed any layer (known once the weights are processed)."""
-        config = self.bitcpm_quant_config
+
+def install_cpu_fast_paths(model: torch.nn.Module) -> None:
+    """After the weights are loaded: vLLM's fused CPU kernels and the lm_head's decode kernel,
+    taken at run time only while the model has ternary layers (``model.bitcpm_quant_config``)."""
+
+    def has_ternary_layers() -> bool:
+        config = model.bitcpm_quant_config
         return isinstance(config, BitCPMConfig) and config.report.packed_layers > 0
+
+    fused = cpu_fused.install(model, has_ternary_layers)
+    if fused:
+        logger.info("bitcpm: %d modules (LongRoPE, RMSNorm, SiluAndMul) on vLLM's fused CPU kernels", fused)
+    lm_head.install_cpu_decode_kernel(model, has_ternary_layers)
