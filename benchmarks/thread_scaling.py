@@ -1,6 +1,7 @@
 """Batch-1 decode vs model threads, OpenMP wait policy, max_logprobs, process layout and the int8 options.
 
     .venv/bin/python benchmarks/thread_scaling.py            # synthetic BitCPM4-0.5B shape
+    .venv/bin/python benchmarks/thread_scaling.py --only "1 thread" --repeat 3   # a subset, interleaved rounds
 
 Why: what a second model thread buys end to end (the kernels scale, the Python and
 single-threaded ops between them do not; the OpenMP wait policy decides what the idle thread does
@@ -8,7 +9,9 @@ meanwhile), what full-vocabulary log-probs (max_logprobs=-1, the report's accura
 and how vLLM's own process layout (engine process + model worker, one CPU reserved for the
 engine) compares with the in-process engine the other benchmarks time. Each case is one child
 process with one engine; the thread count is read back from the model's own process and checked.
-Decode ms/token = (time for 65 new tokens - time for 1) / 64, best of 3. JSON in benchmarks/results/.
+Decode ms/token = (time for 65 new tokens - time for 1) / 64, best of 3 in one engine; with
+--repeat N the selected cases run in N interleaved rounds (one engine each) and the median round
+is reported, so slow drifts of this noisy VM hit every case alike. JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def _child(model: str, max_logprobs: int) -> None:
 
 
 def main() -> None:
+    import argparse
+    import statistics
+
     from tqdm import tqdm
 
     from engine_sides import RESULTS_DIR, machine, model_threads_env, resolve_model
@@ -79,9 +85,17 @@ def main() -> None:
     class Args:
         model, synthetic, checkpoints = None, "bitcpm4-0.5b", "checkpoints"
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="run only the cases whose label contains this text")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds per case (median reported)")
+    args = parser.parse_args()
+    cases = [c for c in CASES if not args.only or args.only in c[0]]
+    if not cases:
+        raise SystemExit(f"no case label contains {args.only!r}")
     model = resolve_model(Args)
-    rows = []
-    for label, plugin, threads, policy, max_logprobs, in_process, options in tqdm(CASES, unit="engine"):
+    rounds: dict[str, list[dict]] = {}
+    for case in tqdm([c for _ in range(args.repeat) for c in cases], unit="engine"):
+        label, plugin, threads, policy, max_logprobs, in_process, options = case
         env = {k: v for k, v in os.environ.items()
                if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND",
                             "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", *INT8_ALL)}
@@ -102,15 +116,23 @@ def main() -> None:
         if threads is not None and result["model_threads"] != threads:
             raise SystemExit(f"{label}: the model ran {result['model_threads']} threads, not {threads}")
         ms = result["ms_per_token"]
-        rows.append({"case": label, "model_threads": result["model_threads"], "in_process": in_process,
-                     "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options, "ms_per_token": ms,
-                     "tok_per_s": 1000 / ms})
+        rounds.setdefault(label, []).append(
+            {"case": label, "model_threads": result["model_threads"], "in_process": in_process,
+             "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options, "ms_per_token": ms,
+             "tok_per_s": 1000 / ms})
         tqdm.write(f"{label}: {result['model_threads']} model threads, {1000 / ms:.1f} tok/s")
-    print("\n| case | model threads | ms/token | tok/s |\n|---|---:|---:|---:|")
+    rows = []
+    for label, runs in rounds.items():
+        median = statistics.median_low([r["ms_per_token"] for r in runs])
+        row = next(r for r in runs if r["ms_per_token"] == median)
+        rows.append({**row, "rounds_ms_per_token": [r["ms_per_token"] for r in runs]})
+    print(f"\n| case | model threads | ms/token | tok/s (median of {args.repeat}) |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['model_threads']} | {r['ms_per_token']:.2f} | {r['tok_per_s']:.1f} |")
-    path = RESULTS_DIR / "thread_scaling.json"
-    path.write_text(json.dumps({"model": model, "machine": machine(), "rows": rows}, indent=2) + "\n")
+    name = "thread_scaling.json" if not args.only and args.repeat == 1 else "thread_scaling-subset.json"
+    path = RESULTS_DIR / name
+    path.write_text(json.dumps({"model": model, "machine": machine(), "only": args.only, "repeat": args.repeat,
+                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -12,13 +12,21 @@ from vllm_bitcpm.ops import cpu as cpu_kernel
 
 pytestmark = pytest.mark.skipif(not lm_head.int8_gemv_available(), reason="CPU kernel extension not built")
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512vnni"]
 OUT_EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def runnable(isa: str) -> bool:
+    if not lm_head.int8_gemv_available():
+        return False
+    if isa == "avx512vnni":
+        return torch.ops.bitcpm_cpu.int8_gemv_isa() == "avx512vnni"
+    return isa == "scalar" or isa in cpu_kernel.isa_available()
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    if request.param != "scalar" and request.param not in cpu_kernel.isa_available():
+    if not runnable(request.param):
         pytest.skip(f"this CPU cannot run {request.param}")
     return request.param
 
@@ -131,9 +139,10 @@ def test_bad_operands_are_named(x, q, s, message):
         torch.ops.bitcpm_cpu.int8_gemv(x, q, s)
 
 
-def test_unknown_isa_is_refused():
-    with pytest.raises(RuntimeError, match="'avx9' is not available on this CPU"):
-        torch.ops.bitcpm_cpu.int8_gemv(torch.zeros(1, 8), torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), "avx9")
+@pytest.mark.parametrize("isa_name", ["avx9", *[i for i in ISAS if not runnable(i)]])
+def test_unavailable_isa_is_refused(isa_name):
+    with pytest.raises(RuntimeError, match=f"'{isa_name}' is not available on this CPU"):
+        torch.ops.bitcpm_cpu.int8_gemv(torch.zeros(1, 8), torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), isa_name)
 
 
 # --- its use by the int8 lm_head --------------------------------------------------------------

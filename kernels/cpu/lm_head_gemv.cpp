@@ -17,7 +17,7 @@
 //
 // Paths, chosen at run time from what the CPU supports: bf16_gemv: AVX512-BF16 (`vdpbf16ps`, 32
 // MACs per instruction), AVX2 (bf16 widened to fp32 by a 16-bit shift, FMA), scalar; int8_gemv:
-// AVX512 (`vpmovsxbd` + `vcvtdq2ps`, 16 weights per FMA), AVX2 (8 per FMA), scalar. Rows are
+// AVX512-VNNI (`vpmovsxbw` + `vpdpwssd`), AVX2 (`vpmovsxbw` + `vpmaddwd`), scalar. Rows are
 // split across ATen's threads.
 
 #include <ATen/ATen.h>
@@ -192,8 +192,8 @@ std::string best_gemv_isa() {
 // compute bound on one core, slower than the bf16 head it should beat. Instead each token is
 // rounded once to int16 (x16 = round(x * 32767 / max|x|): a relative step of 2^-16 of the token's
 // largest entry, 256 times finer than bf16's own rounding of x) and the dot products are integer:
-// int8 weights sign-extended to int16, `vpmaddwd` (AVX512-VNNI: `vpdpwssd`) into int32, 32
-// weights per instruction. A block of kBlockK columns cannot overflow int32
+// int8 weights sign-extended to int16, `vpdpwssd` (AVX512-VNNI; AVX2: `vpmaddwd` + `vpaddd`)
+// into int32, 32 weights per instruction. A block of kBlockK columns cannot overflow int32
 // (256 * 32767 * 128 < 2^31); each block's sum is converted to fp32 and the blocks add in fp32.
 // A token with a NaN or infinite entry cannot be rounded to integers: it takes the fp32 loop, so
 // NaN/Inf propagate as in the dense matmul.
@@ -262,18 +262,11 @@ __attribute__((target("avx2,fma"))) void int8_gemv_avx2_t(const Int8Gemv& g, int
   }
 }
 
-// AVX512: one row at a time (one sequential stream, as gemv_bf16_t), 32 weights per
-// `vpmovsxbw` shared by every token, one `vpdpwssd` (or `vpmaddwd` + `vpaddd`) per token, A int32
-// chains per token within a block; the K tail is a masked byte load (x16 is zero padded).
-// acc += pairwise int16 products of w and the 32 int16 activations at x.
-template <bool VNNI>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m512i int16_dot_step(__m512i acc, __m512i w,
-                                                                                            const int16_t* x) {
-  const __m512i xv = _mm512_loadu_si512(x);
-  return VNNI ? _mm512_dpwssd_epi32(acc, w, xv) : _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv));
-}
-
-template <int MB, int A, bool VNNI>
+// AVX512-VNNI: one row at a time (one sequential stream, as gemv_bf16_t), 32 weights per
+// `vpmovsxbw` shared by every token, one `vpdpwssd` per token, A int32 chains per token within a
+// block; the K tail is a masked byte load (x16 is zero padded). AVX512 CPUs without VNNI take the
+// AVX2 path (as the ternary kernel's int8 mode does).
+template <int MB, int A>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_gemv_avx512_t(const Int8Gemv& g,
                                                                                       int64_t m0, int64_t n0,
                                                                                       int64_t n1) {
@@ -294,14 +287,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_gemv_a
           const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + k0 + 32 * j)));
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m)
-            acc[m][j % A] = int16_dot_step<VNNI>(acc[m][j % A], w, g.x + (m0 + m) * g.Kp + k0 + 32 * j);
+            acc[m][j % A] = _mm512_dpwssd_epi32(acc[m][j % A], w, _mm512_loadu_si512(g.x + (m0 + m) * g.Kp + k0 + 32 * j));
         }
       } else {  // the last, partial block: masked weight loads
         for (int64_t k = k0; k < g.K; k += 32) {
           const __mmask32 mask = k + 32 <= g.K ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (g.K - k)) - 1);
           const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, qr + k));
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) acc[m][0] = int16_dot_step<VNNI>(acc[m][0], w, g.x + (m0 + m) * g.Kp + k);
+          for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], w, _mm512_loadu_si512(g.x + (m0 + m) * g.Kp + k));
         }
       }
 #pragma GCC unroll 8
@@ -317,16 +310,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_gemv_a
   }
 }
 
-template <int MB, bool VNNI>
-void int8_gemv_avx512_rows(const Int8Gemv& g, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
-  int8_gemv_avx512_t<MB, A, VNNI>(g, m0, n0, n1);
-}
-
-template <bool VNNI>
 void int8_gemv_avx512(const Int8Gemv& g, int64_t n0, int64_t n1) {
   for_token_blocks(g.M, g.K, n0, n1, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
-    int8_gemv_avx512_rows<decltype(mb)::value, VNNI>(g, m0, t0, t1);
+    constexpr int MB = decltype(mb)::value;
+    int8_gemv_avx512_t<MB, MB <= 2 ? 4 : (MB <= 4 ? 2 : 1)>(g, m0, t0, t1);
   });
 }
 
@@ -339,9 +326,10 @@ void int8_gemv_avx2(const Int8Gemv& g, int64_t n0, int64_t n1) {
 using Int8RowsFn = void (*)(const Int8Gemv&, int64_t, int64_t);
 
 Int8RowsFn int8_gemv_routine(const std::string& isa) {
-  static const std::string best = cpu_has_avx512() ? "avx512" : (cpu_has_avx2() ? "avx2" : "scalar");
+  static const bool vnni = cpu_has_avx512() && cpu_has_vnni();
+  static const std::string best = vnni ? "avx512vnni" : (cpu_has_avx2() ? "avx2" : "scalar");
   const std::string& name = isa.empty() ? best : isa;
-  if (name == "avx512") return cpu_has_avx512() ? (cpu_has_vnni() ? &int8_gemv_avx512<true> : &int8_gemv_avx512<false>) : nullptr;
+  if (name == "avx512vnni") return vnni ? &int8_gemv_avx512 : nullptr;
   if (name == "avx2") return cpu_has_avx2() ? &int8_gemv_avx2 : nullptr;
   if (name == "scalar") return &int8_gemv_scalar;
   return nullptr;
@@ -349,7 +337,7 @@ Int8RowsFn int8_gemv_routine(const std::string& isa) {
 
 std::string best_int8_gemv_isa() {
   const Int8RowsFn fn = int8_gemv_routine("");
-  return fn == &int8_gemv_avx512<true> || fn == &int8_gemv_avx512<false> ? "avx512" : (fn == &int8_gemv_avx2 ? "avx2" : "scalar");
+  return fn == &int8_gemv_avx512 ? "avx512vnni" : (fn == &int8_gemv_avx2 ? "avx2" : "scalar");
 }
 
 }  // namespace
