@@ -13,10 +13,10 @@ ternary (~86 MiB for BitCPM4-0.5B), the bf16 head (73448 x 1024, 144 MiB) is the
 of every decode step. ``VLLM_BITCPM_LM_HEAD=int8`` quantizes the head's rows to int8 with one
 absmax scale per row (vocabulary entry). Decode-sized logits (up to ``INT8_GEMV_MAX_TOKENS``
 tokens) go through ``bitcpm_cpu.int8_gemv``, which streams the int8 rows at memory speed (each
-token rounded once to int16, integer dot products); larger batches, and CPUs without the kernel,
-use ATen's weight-only int8 matmul, which on one core runs slower than the bf16 head
-(benchmarks/kernel_speed.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is shared with the head when tied), so memory
-grows by the int8 copy while per-token reads shrink. The accuracy cost is measured by the test
+token rounded once to int16, integer dot products); larger batches, and CPUs without the
+kernel, use ATen's weight-only int8 matmul, which on one core runs slower than the bf16 head
+(benchmarks/kernel_speed.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is
+shared with the head when tied), so memory grows by the int8 copy while per-token reads shrink. The accuracy cost is measured by the test
 suite and benchmarks, not assumed.
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from vllm.config import VllmConfig
@@ -39,17 +39,25 @@ def _layers_built_with(vllm_config: VllmConfig, quant_config: BitCPMConfig) -> I
         vllm_config.quant_config = original
 
 
+def build_with_bitcpm_config(model: torch.nn.Module, base_init: Callable[..., None], vllm_config: VllmConfig,
+                             prefix: str) -> None:
+    """Run the vLLM model's constructor ``base_init`` under the quantization config the model
+    uses: the user's own when given, else the bitcpm config of an unflagged checkpoint (kept as
+    ``model.bitcpm_quant_config``)."""
+    if vllm_config.quant_config is not None:
+        base_init(vllm_config=vllm_config, prefix=prefix)
+        model.bitcpm_quant_config = vllm_config.quant_config
+        return
+    quant_config = BitCPMConfig.for_unflagged_checkpoint()
+    quant_config.packed_modules_mapping = dict(model.packed_modules_mapping)
+    with _layers_built_with(vllm_config, quant_config):
+        base_init(vllm_config=vllm_config, prefix=prefix)
+    model.bitcpm_quant_config = quant_config
+
+
 class BitCPMForCausalLM(MiniCPMForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        if vllm_config.quant_config is not None:
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.bitcpm_quant_config = vllm_config.quant_config
-            return
-        quant_config = BitCPMConfig.for_unflagged_checkpoint()
-        quant_config.packed_modules_mapping = dict(self.packed_modules_mapping)
-        with _layers_built_with(vllm_config, quant_config):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.bitcpm_quant_config = quant_config
+        build_with_bitcpm_config(self, super().__init__, vllm_config, prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Check local safetensors files before vLLM reads them, so a truncated or corrupt file

@@ -18,21 +18,13 @@ from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.models.minicpm3 import MiniCPM3ForCausalLM
 
 from vllm_bitcpm import checkpoint_files
-from vllm_bitcpm.model import _layers_built_with, install_cpu_fast_paths
-from vllm_bitcpm.quantization import BitCPMConfig, TernaryLinearMethod
+from vllm_bitcpm.model import build_with_bitcpm_config, install_cpu_fast_paths
+from vllm_bitcpm.quantization import TernaryLinearMethod
 
 
 class BitCPM3ForCausalLM(MiniCPM3ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        if vllm_config.quant_config is not None:
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.bitcpm_quant_config = vllm_config.quant_config
-        else:
-            quant_config = BitCPMConfig.for_unflagged_checkpoint()
-            quant_config.packed_modules_mapping = dict(self.packed_modules_mapping)
-            with _layers_built_with(vllm_config, quant_config):
-                super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.bitcpm_quant_config = quant_config
+        build_with_bitcpm_config(self, super().__init__, vllm_config, prefix)
         _name_unprefixed_layers(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
