@@ -30,6 +30,7 @@
 #include "cpu_features.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -166,23 +167,31 @@ void gemv_bf16(const Gemv& g, int64_t n0, int64_t n1) {
   });
 }
 
-using RowsFn = void (*)(const Gemv&, int64_t, int64_t);
+// An ISA path of a kernel: its name (the ops' `isa` argument), whether this CPU runs it, its
+// routine. A kernel lists its paths best first; the scalar one runs everywhere.
+template <class Fn>
+struct IsaPath {
+  const char* name;
+  bool (*runs)();
+  Fn fn;
+};
 
-// The routine for an ISA path name ("" = the best this CPU runs, decided once), or nullptr when
-// the CPU cannot run it.
-RowsFn gemv_routine(const std::string& isa) {
-  static const std::string best = cpu_has_avx512bf16() ? "avx512bf16" : (cpu_has_avx2() ? "avx2" : "scalar");
-  const std::string& name = isa.empty() ? best : isa;
-  if (name == "avx512bf16") return cpu_has_avx512bf16() ? &gemv_bf16 : nullptr;
-  if (name == "avx2") return cpu_has_avx2() ? &gemv_avx2 : nullptr;
-  if (name == "scalar") return &gemv_scalar;
+inline bool runs_everywhere() { return true; }
+
+// The path named `isa`, or for "" the first one this CPU runs; nullptr when the CPU cannot run the
+// named path or no path has that name.
+template <class Fn, size_t P>
+const IsaPath<Fn>* find_path(const std::array<IsaPath<Fn>, P>& paths, const std::string& isa) {
+  for (const IsaPath<Fn>& p : paths) {
+    if (isa.empty() ? p.runs() : isa == p.name) return p.runs() ? &p : nullptr;
+  }
   return nullptr;
 }
 
-std::string best_gemv_isa() {
-  const RowsFn fn = gemv_routine("");
-  return fn == &gemv_bf16 ? "avx512bf16" : (fn == &gemv_avx2 ? "avx2" : "scalar");
-}
+using RowsFn = void (*)(const Gemv&, int64_t, int64_t);
+const std::array<IsaPath<RowsFn>, 3> kBf16Paths{{{"avx512bf16", cpu_has_avx512bf16, &gemv_bf16},
+                                                  {"avx2", cpu_has_avx2, &gemv_avx2},
+                                                  {"scalar", runs_everywhere, &gemv_scalar}}};
 
 
 // ------------------------------------------------------------------------------------------
@@ -323,21 +332,22 @@ void int8_gemv_avx2(const Int8Gemv& g, int64_t n0, int64_t n1) {
   });
 }
 
-using Int8RowsFn = void (*)(const Int8Gemv&, int64_t, int64_t);
+inline bool cpu_has_avx512_vnni() { return cpu_has_avx512() && cpu_has_vnni(); }
 
-Int8RowsFn int8_gemv_routine(const std::string& isa) {
-  static const bool vnni = cpu_has_avx512() && cpu_has_vnni();
-  static const std::string best = vnni ? "avx512vnni" : (cpu_has_avx2() ? "avx2" : "scalar");
-  const std::string& name = isa.empty() ? best : isa;
-  if (name == "avx512vnni") return vnni ? &int8_gemv_avx512 : nullptr;
-  if (name == "avx2") return cpu_has_avx2() ? &int8_gemv_avx2 : nullptr;
-  if (name == "scalar") return &int8_gemv_scalar;
-  return nullptr;
+using Int8RowsFn = void (*)(const Int8Gemv&, int64_t, int64_t);
+const std::array<IsaPath<Int8RowsFn>, 3> kInt8Paths{{{"avx512vnni", cpu_has_avx512_vnni, &int8_gemv_avx512},
+                                                      {"avx2", cpu_has_avx2, &int8_gemv_avx2},
+                                                      {"scalar", runs_everywhere, &int8_gemv_scalar}}};
+
+// The best path of each kernel, decided once.
+const IsaPath<RowsFn>& best_bf16_path() {
+  static const IsaPath<RowsFn>& best = *find_path(kBf16Paths, "");
+  return best;
 }
 
-std::string best_int8_gemv_isa() {
-  const Int8RowsFn fn = int8_gemv_routine("");
-  return fn == &int8_gemv_avx512 ? "avx512vnni" : (fn == &int8_gemv_avx2 ? "avx2" : "scalar");
+const IsaPath<Int8RowsFn>& best_int8_path() {
+  static const IsaPath<Int8RowsFn>& best = *find_path(kInt8Paths, "");
+  return best;
 }
 
 }  // namespace
@@ -353,8 +363,9 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
               weight.size(1));
   TORCH_CHECK(x.size(0) <= kMaxTokens, "bitcpm bf16_gemv: at most ", kMaxTokens, " tokens, got ", x.size(0));
   TORCH_CHECK(weight.is_contiguous(), "bitcpm bf16_gemv: weight must be contiguous");
-  const RowsFn rows = gemv_routine(isa_name);
-  TORCH_CHECK(rows != nullptr, "bitcpm bf16_gemv: ISA path '", isa_name, "' is not available on this CPU");
+  const IsaPath<RowsFn>* path = isa_name.empty() ? &best_bf16_path() : find_path(kBf16Paths, isa_name);
+  TORCH_CHECK(path != nullptr, "bitcpm bf16_gemv: ISA path '", isa_name, "' is not available on this CPU");
+  const RowsFn rows = path->fn;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
   const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
@@ -365,7 +376,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
   return y.to(at::kBFloat16);
 }
 
-std::string bf16_gemv_isa() { return best_gemv_isa(); }
+std::string bf16_gemv_isa() { return best_bf16_path().name; }
 
 // x: [M, K] (bf16, fp16 or fp32) with M <= kMaxTokens, qweight: [N, K] int8 contiguous, scales:
 // [N] (any float dtype, used as fp32); returns [M, N] in x's dtype.
@@ -381,8 +392,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
               qweight.size(0), "] (one per qweight row), got ", scales.sizes());
   TORCH_CHECK(x.size(0) <= kMaxTokens, "bitcpm int8_gemv: at most ", kMaxTokens, " tokens, got ", x.size(0));
   TORCH_CHECK(qweight.is_contiguous(), "bitcpm int8_gemv: qweight must be contiguous");
-  const Int8RowsFn rows = int8_gemv_routine(isa_name);
-  TORCH_CHECK(rows != nullptr, "bitcpm int8_gemv: ISA path '", isa_name, "' is not available on this CPU");
+  const IsaPath<Int8RowsFn>* path = isa_name.empty() ? &best_int8_path() : find_path(kInt8Paths, isa_name);
+  TORCH_CHECK(path != nullptr, "bitcpm int8_gemv: ISA path '", isa_name, "' is not available on this CPU");
+  const Int8RowsFn rows = path->fn;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor sf = scales.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
@@ -432,7 +444,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.to(x.scalar_type());
 }
 
-std::string int8_gemv_isa() { return best_int8_gemv_isa(); }
+std::string int8_gemv_isa() { return best_int8_path().name; }
 
 }  // namespace bitcpm_cpu
 
