@@ -78,5 +78,6 @@ def install_cpu_fast_paths(model: torch.nn.Module) -> None:
 
     fused = cpu_fused.install(model, has_ternary_layers)
     if fused:
-        logger.info("bitcpm: %d modules (LongRoPE, RMSNorm, SiluAndMul) on vLLM's fused CPU kernels", fused)
+        logger.info("bitcpm: %d modules (LongRoPE, RMSNorm, SiluAndMul) take vLLM's fused CPU kernels "
+                    "whenever the model has ternary layers", fused)
     lm_head.install_cpu_decode_kernel(model, has_ternary_layers)
