@@ -4,7 +4,9 @@
 
 Builds benchmarks/native/inner_loop_ceiling.cpp with g++ and runs the AVX512-BF16 inner loop of
 kernels/cpu/ternary_linear.cpp on L2-resident data, one thread: in full, with the dot products
-alone, and with the decode alone. Prints weights per second and what that means for the 357M
+alone, and with the decode alone; beside it, two lookup-table loops (bitnet.cpp's TL idea for
+float activations: a table of column-pair or column-triple sums, looked up for 16 rows per
+instruction) that would need a repacked layout. Prints weights per second and what that means for the 357M
 ternary weights of BitCPM4-0.5B per decode token, beside the kernel's measured whole-model time
 (benchmarks/results/kernel_speed.json). JSON in benchmarks/results/inner_loop_ceiling.json.
 """

@@ -230,7 +230,8 @@ def test_isa_helpers():
 # groups) and prefill (bf16 scales):
 # K with an odd number of 128-weight blocks (a half chunk), groups spanning chunks and halves.
 BF16_CASES = [
-    (1, 1024, 1280, 1024),
+    (1, 1024, 1280, 1024),  # one token, whole-row scales: the batch-1 decode routine
+    (1, 1029, 17, 1029),  # the same with an odd block count (a half chunk at the end)
     (1, 129, 33, 129),
     (3, 300, 17, 128),
     (7, 1000, 65, 256),
@@ -249,7 +250,7 @@ BF16_CASES = [
 ]
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", BF16_CASES, ids=[f"m{m}-k{k}-n{n}-g{g}" for m, k, n, g in BF16_CASES])
 def test_bf16_path_is_exact_up_to_the_output_rounding(case, scale_dtype):
     """Products of bf16 activations and ternary weights are exact in fp32, so the only errors are

@@ -734,6 +734,41 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
   }
 }
 
+// Whole-row scale of row n (G == 1), read in place (no per-row call and buffer round trip).
+inline float whole_row_scale(const Ctx& c, int64_t n) {
+  switch (c.scale_dtype) {
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(c.scales)[n]);
+    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(c.scales)[n]);
+    default: return static_cast<const float*>(c.scales)[n];
+  }
+}
+
+// One token, whole-row scales (G == 1): the decode step of a batch-1 request. Same loop as
+// exact_rows_bf16_t<1> without its per-row group bookkeeping and scale buffer: a 1024-wide row
+// is only 4 chunks, so what a row costs outside the loop shows (benchmarks/kernel_speed.py).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void exact_rows_bf16_one_token(
+    const Ctx& c, int64_t n0, int64_t n1, int64_t m0, float*) {
+  const TernaryBf16Tables tb = ternary_bf16_tables();
+  const int64_t nchunk = c.Kc / kChunkWeights;
+  const uint16_t* xk0 = c.xb + m0 * c.Kc;
+  float* y = c.y + m0 * c.N;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const __m512i d = load_chunk(c, row, ch);
+      const uint16_t* xk = xk0 + ch * kChunkWeights;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512i w = ternary_bf16_step(tb, d, t);
+        acc[t % 4] = _mm512_dpbf16_ps(acc[t % 4], (__m512bh)w, (__m512bh)_mm512_loadu_si512(xk + 32 * t));
+      }
+    }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    y[n] = _mm512_reduce_add_ps(sum) * whole_row_scale(c, n);
+  }
+}
+
 // Whole-row scales (G == 1), several tokens: two rows per pass, so each activation vector loaded
 // feeds two `vdpbf16ps` (the single-row loop is bound by those loads once MB > 2).
 template <int MB>
@@ -1043,9 +1078,10 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
             y32.narrow(1, t0, t1 - t0).copy_(at::mm(xb, wt.narrow(0, 0, t1 - t0).t()));
           }
         } else {
-        run_rows(c, token_tile(isa, false), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
-          (G == 1 && mb > 1 ? pick_mb<ExactBf16Pairs>(mb) : pick_mb<ExactBf16>(mb))(c, a, b, m0, s);
-        });
+          run_rows(c, token_tile(isa, false), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            RowFn fn = G > 1 ? pick_mb<ExactBf16>(mb) : mb == 1 ? &exact_rows_bf16_one_token : pick_mb<ExactBf16Pairs>(mb);
+            fn(c, a, b, m0, s);
+          });
         }
       } else if (!int8_activations) {
         at::Tensor xp;
