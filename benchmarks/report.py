@@ -201,7 +201,7 @@ def _setup_lines(report: dict) -> list[str]:
     return [
         f"- Machine: {machine_name(info)}; ISA {', '.join(info.get('isa', [])) or '-'}; host `{info.get('host', '?')}`",
         f"- Model: {_model_line(report)}",
-        f"- Engine: dtype {settings['dtype']}, {'eager' if settings['enforce_eager'] else 'torch.compile'}, "
+        f"- Engine: dtype {settings['dtype']}, {engine_mode(settings)}, "
         f"in-process, prefix caching off, max_model_len {settings['max_model_len']}, {kv}",
         f"- Threads: {tp['threads_bind']}",
         f"- Accuracy reference: {acc['reference']['kind']} {acc['reference']['dtype']} on CPU; "
@@ -227,6 +227,11 @@ def report_markdown(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def engine_mode(settings: dict) -> str:
+    """How the engine ran the model: vLLM's default (torch.compile) or eager (``enforce_eager``)."""
+    return "eager (`enforce_eager=True`)" if settings["enforce_eager"] else "torch.compile (vLLM's default)"
+
+
 def readme_block(report: dict) -> str:
     """The README's "Results" section: summary tables only, the machine named, generated from JSON."""
     acc, tp = report["accuracy"], report["throughput"]
@@ -235,7 +240,8 @@ def readme_block(report: dict) -> str:
     parts = [
         "## Results", "",
         f"Measured with `benchmarks/report.py` on {machine_name(info)}, {threads} model thread(s), "
-        f"engine dtype {tp['settings']['dtype']}, {tp['time'][:10]}. Model: {_model_line(report)}. "
+        f"engine dtype {tp['settings']['dtype']}, {engine_mode(tp['settings'])}, {tp['time'][:10]}. "
+        f"Model: {_model_line(report)}. "
         "Stock vLLM and vLLM + bitcpm ran the same token ids in the same invocation; full tables in "
         "`benchmarks/results/REPORT.md`, data in `benchmarks/results/report.json`. The published column is "
         "the BitCPM4-0.5B report's stock vLLM on Ascend 910B2: other hardware, shown for scale only.", "",

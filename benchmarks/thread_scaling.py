@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/thread_scaling.py            # synthetic BitCPM4-0.5B shape
     .venv/bin/python benchmarks/thread_scaling.py --only "1 thread" --repeat 3   # a subset, interleaved rounds
+    .venv/bin/python benchmarks/thread_scaling.py --compile --repeat 3 \
+        --only "stock, 1 thread" "bitcpm, 1 thread" "bitcpm, 1 thread, int8 activations + lm_head"
 
 Why: what a second model thread buys end to end (the kernels scale, the Python and
 single-threaded ops between them do not; the OpenMP wait policy decides what the idle thread does
@@ -11,7 +13,8 @@ engine) compares with the in-process engine the other benchmarks time. Each case
 process with one engine; the thread count is read back from the model's own process and checked.
 Decode ms/token = (time for 65 new tokens - time for 1) / 64, best of 3 in one engine; with
 --repeat N the selected cases run in N interleaved rounds (one engine each) and the median round
-is reported, so slow drifts of this noisy VM hit every case alike. JSON in benchmarks/results/.
+is reported, so slow drifts of this noisy VM hit every case alike. Engines run eager unless
+--compile (torch.compile, vLLM's default; ~1.5 min of warm-up per engine). JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ CASES = [
 ]
 
 
-def _child(model: str, max_logprobs: int) -> None:
+def _child(model: str, max_logprobs: int, compile_model: bool) -> None:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="bfloat16", trust_remote_code=True, enforce_eager=True,
+    llm = LLM(model=model, dtype="bfloat16", trust_remote_code=True, enforce_eager=not compile_model,
               enable_prefix_caching=False, max_model_len=1024, max_num_seqs=16, max_logprobs=max_logprobs,
               kv_cache_memory_bytes=2**30, gpu_memory_utilization=0.05)
     prompt = [{"prompt_token_ids": [100, 200, 300, 400]}]
@@ -74,6 +77,13 @@ def _child(model: str, max_logprobs: int) -> None:
     print("RESULT " + json.dumps({"ms_per_token": (total - first) / 64 * 1000, "model_threads": threads}), flush=True)
 
 
+def selects(text: str, label: str) -> bool:
+    """--only: a text equal to some case label selects exactly that case, other texts by substring."""
+    if any(text == case[0] for case in CASES):
+        return text == label
+    return text in label
+
+
 def main() -> None:
     import argparse
     import statistics
@@ -86,12 +96,15 @@ def main() -> None:
         model, synthetic, checkpoints = None, "bitcpm4-0.5b", "checkpoints"
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="run only the cases whose label contains this text")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only these cases: a TEXT equal to a case label selects that case, "
+                             "any other TEXT every case whose label contains it")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds per case (median reported)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (vLLM's default) instead of eager")
     args = parser.parse_args()
-    cases = [c for c in CASES if not args.only or args.only in c[0]]
+    cases = [c for c in CASES if not args.only or any(selects(text, c[0]) for text in args.only)]
     if not cases:
-        raise SystemExit(f"no case label contains {args.only!r}")
+        raise SystemExit(f"no case label matches {args.only!r}")
     model = resolve_model(Args)
     rounds: dict[str, list[dict]] = {}
     for case in tqdm([c for _ in range(args.repeat) for c in cases], unit="engine"):
@@ -107,7 +120,8 @@ def main() -> None:
             env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model(_threads) crosses processes
         if policy:
             env["OMP_WAIT_POLICY"] = policy
-        out = subprocess.run([sys.executable, __file__, "--child", model, str(max_logprobs)], env=env,
+        out = subprocess.run([sys.executable, __file__, "--child", model, str(max_logprobs),
+                              "compile" if args.compile else "eager"], env=env,
                              capture_output=True, text=True, timeout=900)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -118,7 +132,8 @@ def main() -> None:
         ms = result["ms_per_token"]
         rounds.setdefault(label, []).append(
             {"case": label, "model_threads": result["model_threads"], "in_process": in_process,
-             "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options, "ms_per_token": ms,
+             "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options,
+             "engine": "torch.compile" if args.compile else "eager", "ms_per_token": ms,
              "tok_per_s": 1000 / ms})
         tqdm.write(f"{label}: {result['model_threads']} model threads, {1000 / ms:.1f} tok/s")
     rows = []
@@ -129,15 +144,17 @@ def main() -> None:
     print(f"\n| case | model threads | ms/token | tok/s (median of {args.repeat}) |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['model_threads']} | {r['ms_per_token']:.2f} | {r['tok_per_s']:.1f} |")
-    name = "thread_scaling.json" if not args.only and args.repeat == 1 else "thread_scaling-subset.json"
+    name = "thread_scaling" + ("-compile" if args.compile else "") + (
+        "-subset" if args.only or args.repeat > 1 else "") + ".json"
     path = RESULTS_DIR / name
     path.write_text(json.dumps({"model": model, "machine": machine(), "only": args.only, "repeat": args.repeat,
+                                "engine": "torch.compile" if args.compile else "eager",
                                 "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _child(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "compile")
     else:
         main()
