@@ -134,4 +134,5 @@ def test_inner_loop_ceiling_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(r["gweights_per_s"] > 0 and r["model_ms_per_token"] > 0 for r in rows)
+    assert len(rows) == 6 and all(r["gweights_per_s"] > 0 and r["model_ms_per_token"] > 0 for r in rows)
+    assert any(r["variant"].startswith("lookup table, column pairs") for r in rows)
