@@ -801,10 +801,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) void ex
         }
       }
     }
-    load_row_scales(c, n, sbuf);
-    const float s0 = sbuf[0];
-    load_row_scales(c, n + 1, sbuf);
-    const float s1 = sbuf[0];
+    const float s0 = whole_row_scale(c, n), s1 = whole_row_scale(c, n + 1);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       __m512 t0 = acc0[m][0], t1 = acc1[m][0];
