@@ -132,8 +132,7 @@ def main() -> None:
         ms = result["ms_per_token"]
         rounds.setdefault(label, []).append(
             {"case": label, "model_threads": result["model_threads"], "in_process": in_process,
-             "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options,
-             "engine": "torch.compile" if args.compile else "eager", "ms_per_token": ms,
+             "omp_wait_policy": policy, "max_logprobs": max_logprobs, "options": options, "ms_per_token": ms,
              "tok_per_s": 1000 / ms})
         tqdm.write(f"{label}: {result['model_threads']} model threads, {1000 / ms:.1f} tok/s")
     rows = []

@@ -16,8 +16,8 @@ tokens) go through ``bitcpm_cpu.int8_gemv``, which streams the int8 rows at memo
 token rounded once to int16, integer dot products); larger batches, and CPUs without the
 kernel, use ATen's weight-only int8 matmul, which on one core runs slower than the bf16 head
 (benchmarks/kernel_speed.py, "lm_head" rows). The embedding lookup keeps the bf16 table (it is
-shared with the head when tied), so memory grows by the int8 copy while per-token reads shrink. The accuracy cost is measured by the test
-suite and benchmarks, not assumed.
+shared with the head when tied), so memory grows by the int8 copy while per-token reads shrink.
+The accuracy cost is measured by the test suite and benchmarks, not assumed.
 """
 
 from __future__ import annotations
