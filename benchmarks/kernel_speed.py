@@ -11,7 +11,11 @@ stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear; 
 int8 head: ATen's ``_weight_int8pack_mm`` vs the plugin's ``bitcpm_cpu.int8_gemv``. Runs with 1
 and 2 threads. Prints Markdown, writes benchmarks/results/kernel_speed.json.
 
-    python benchmarks/kernel_speed.py [--quick]
+    python benchmarks/kernel_speed.py [--quick] [--isa avx2]
+
+``--isa avx2`` runs it in AVX2 mode (vllm_bitcpm/testing/isa_mode.py: the plugin, ATen, oneDNN,
+MKL and vLLM's ``_C`` take their AVX2 paths) and writes kernel_speed-avx2.json; the JSON records
+the ISA paths that ran.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def machine_info() -> dict:
     """The shared machine description plus what only the kernel benchmark knows."""
     from engine_sides import machine
 
-    return {**machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "kernel_isa": cpu_kernel.ISA}
+    from vllm_bitcpm.testing.isa_mode import isa_paths
+
+    return {**machine(), "isa_paths": isa_paths()}
 
 def timeit(fn, min_time=0.25, min_reps=5, max_reps=2000) -> float:
     """Median seconds per call over repeats lasting at least ``min_time``."""
@@ -126,7 +131,11 @@ def bench_head(min_time: float) -> list[dict]:
 
     k, n = HEAD
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    handle = vllm_ops.create_onednn_mm(weight.t(), 32) if vllm_ops._supports_onednn else None
+    try:
+        handle = vllm_ops.create_onednn_mm(weight.t(), 32) if vllm_ops._supports_onednn else None
+    except RuntimeError as exc:  # no oneDNN bf16 matmul on this ISA: stock vLLM uses F.linear
+        print(f"vLLM's oneDNN linear: {exc}".splitlines()[0])
+        handle = None
     q, scales = quantize_rows_int8(weight)  # the opt-in int8 head (VLLM_BITCPM_LM_HEAD=int8)
     scales16 = scales.to(torch.bfloat16)  # ATen's kernel wants scales in the activation dtype
     rows = []
@@ -171,8 +180,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing, skip slow reference cases")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="JSON path (default results/kernel_speed[-avx2].json)")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: AVX2 mode on an AVX512 machine (vllm_bitcpm/testing/isa_mode.py)")
     args = parser.parse_args()
+    from vllm_bitcpm.testing import isa_mode
+
+    isa_mode.ensure_mode(args.isa)
+    if args.out is None:
+        args.out = RESULTS if args.isa == "native" else RESULTS.with_name(f"kernel_speed-{args.isa}.json")
     if not cpu_kernel.AVAILABLE:
         print("warning: the CPU kernel is not built; 'ternary' rows time the PyTorch reference")
     res = {"machine": machine_info(), "runs": []}

@@ -130,7 +130,8 @@ def _model_and_operands():
     return model, torch.randn(4, 128, generator=gen).to(torch.bfloat16), w
 
 
-@pytest.mark.skipif(not lm_head.bf16_gemv_measured_faster(), reason="the head takes the kernel on AVX512-BF16 CPUs only")
+@pytest.mark.skipif(not lm_head.bf16_gemv_max_tokens(),
+                    reason="the head takes the kernel on AVX512-BF16 and AVX2 paths only (where it was measured faster)")
 def test_head_routes_decode_sizes_only(monkeypatch):
     model, x, w = _model_and_operands()
     calls = []
@@ -139,13 +140,16 @@ def test_head_routes_decode_sizes_only(monkeypatch):
     active = [True]
     assert lm_head.install_cpu_decode_kernel(model, lambda: active[0])
     method = model.lm_head.quant_method
-    for m in (1, 2, 3, 4):
-        y = method.apply(model.lm_head, x[:m])
-        assert ((y.double() - oracle(x[:m], w)).abs() <= bound(x[:m], w) + 2.0**-8 * oracle(x[:m], w).abs()).all()
-    assert calls == [1, 2], "tokens <= BF16_GEMV_MAX_TOKENS go to the kernel, more to vLLM's call"
+    limit = lm_head.bf16_gemv_max_tokens()
+    sizes = (1, 2, limit, limit + 1, limit + 5)
+    xs = torch.randn(max(sizes), x.shape[1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for m in sizes:
+        y = method.apply(model.lm_head, xs[:m])
+        assert ((y.double() - oracle(xs[:m], w)).abs() <= bound(xs[:m], w) + 2.0**-8 * oracle(xs[:m], w).abs()).all()
+    assert calls == [1, 2, limit], "tokens <= bf16_gemv_max_tokens() go to the kernel, more to vLLM's call"
     active[0] = False
     method.apply(model.lm_head, x[:1])
-    assert calls == [1, 2], "a model without ternary layers keeps vLLM's call"
+    assert calls == [1, 2, limit], "a model without ternary layers keeps vLLM's call"
 
 
 def test_head_switch_off(monkeypatch):

@@ -226,8 +226,10 @@ def test_isa_helpers():
     assert cpu_kernel.ISA is not None
 
 
-# The AVX512-BF16 paths (bf16 activations, exact mode): decode (M < 32, whole-row or >= 128-wide
-# groups) and prefill (bf16 scales):
+# bf16 activations in exact mode (the engine's dtype for BitCPM4) on every ISA path. AVX512-BF16:
+# decode (M < 32, whole-row or >= 128-wide groups) by vdpbf16ps, prefill (bf16 scales) by rows
+# dequantized to bf16 for at::mm. Other paths compute in fp32 inside the op (bf16 widened
+# exactly; prefill through an fp32 at::mm, never ATen's slow bf16 fallback) and meet the same bound.
 # K with an odd number of 128-weight blocks (a half chunk), groups spanning chunks and halves.
 BF16_CASES = [
     (1, 1024, 1280, 1024),  # one token, whole-row scales: the batch-1 decode routine
@@ -252,17 +254,56 @@ BF16_CASES = [
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", BF16_CASES, ids=[f"m{m}-k{k}-n{n}-g{g}" for m, k, n, g in BF16_CASES])
-def test_bf16_path_is_exact_up_to_the_output_rounding(case, scale_dtype):
+def test_bf16_activations_are_exact_up_to_the_output_rounding(isa, case, scale_dtype):
     """Products of bf16 activations and ternary weights are exact in fp32, so the only errors are
     fp32 summation (bounded by K * 2^-24 * sum|x*w|) and the final rounding to bf16 (2^-8)."""
-    if "avx512bf16" not in cpu_kernel.isa_available():
-        pytest.skip("this CPU has no AVX512-BF16")
     m, k, n, gs = case
+    if isa == "scalar" and m * k * n > 5_000_000:
+        pytest.skip("too slow for the scalar path; smaller cases cover it")
     codes, scales, trits = random_packed(n, k, gs, scale_dtype, seed=k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16)
-    y = kernel(x, codes, scales, gs, None, False, "avx512bf16")
+    y = kernel(x, codes, scales, gs, None, False, isa)
     assert y.dtype == torch.bfloat16
     expected = exact_oracle(x, trits, scales, gs)
     abs_dot = x.abs().to(torch.float64) @ dense64(trits, scales, gs).abs().T
     bound = 2.0**-8 * expected.abs() + k * 2.0**-24 * abs_dot
     assert bool(((y.to(torch.float64) - expected).abs() <= bound).all())
+
+
+def _kernel_report(env_isa: str) -> dict:
+    """What a fresh process with VLLM_BITCPM_ISA=env_isa loads (the cap is read once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from vllm_bitcpm.ops import cpu; "
+            "print(json.dumps({'isa': cpu.ISA, 'cpu_isa': cpu.CPU_ISA, 'available': cpu.isa_available(), "
+            "'bf16_gemv': torch.ops.bitcpm_cpu.bf16_gemv_isa(), 'int8_gemv': torch.ops.bitcpm_cpu.int8_gemv_isa()}))")
+    env = {**os.environ, "VLLM_BITCPM_ISA": env_isa}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cap", ["avx2", "scalar"])
+def test_isa_cap_limits_every_kernel(cap):
+    """VLLM_BITCPM_ISA (AVX2 mode on an AVX512 machine) caps the ternary and lm_head kernels alike."""
+    if cap not in cpu_kernel.isa_available():
+        pytest.skip(f"this CPU cannot run the {cap} path")
+    got = _kernel_report(cap)
+    assert got["isa"] == cap and got["cpu_isa"] == cpu_kernel.CPU_ISA
+    assert got["available"] == cpu_kernel.isa_available()[: cpu_kernel.isa_available().index(cap) + 1]
+    assert got["bf16_gemv"] == cap and got["int8_gemv"] == cap
+
+
+def test_isa_cap_rejects_unknown_values():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_BITCPM_ISA": "avx1024"}
+    proc = subprocess.run([sys.executable, "-c", "import vllm_bitcpm.ops"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "VLLM_BITCPM_ISA='avx1024'; expected one of auto, avx512bf16, avx512, avx2, scalar" in proc.stderr

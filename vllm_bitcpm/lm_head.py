@@ -1,10 +1,14 @@
 """The lm_head of a ternary model: a streaming bf16 kernel for decode, and an opt-in int8 copy.
 
-Decode-sized logits (``BF16_GEMV_MAX_TOKENS`` tokens or fewer, bf16, CPU with AVX512-BF16,
-model with ternary layers) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as vLLM's oneDNN call
-(exact products, fp32 sums, one rounding to bf16) but read as one sequential stream, which a
-single core sustains at a higher bandwidth (benchmarks/kernel_speed.py, "lm_head" rows). Larger
-batches, dense checkpoints and ``VLLM_BITCPM_FUSED_CPU_OPS=0`` keep vLLM's own call.
+Decode-sized logits (bf16, model with ternary layers, up to a token count measured per ISA path:
+``BF16_GEMV_MAX_TOKENS``) go through ``bitcpm_cpu.bf16_gemv``: the same dense bf16 matmul as
+vLLM's call (exact products, fp32 sums, one rounding to bf16) but read as one sequential stream.
+On AVX512-BF16 CPUs it beats vLLM's oneDNN call at 1-2 tokens (a single core streams faster);
+on AVX2 CPUs oneDNN has no bf16 matmul and vLLM falls back to ATen's slow bf16 ``F.linear``,
+which the kernel's AVX2 path (bf16 widened to fp32, FMA) beats at every count up to 16
+(benchmarks/kernel_speed.py, "lm_head" rows, native and ``--isa avx2``). Larger batches, ISA
+paths not measured (AVX512 without BF16, scalar), dense checkpoints and
+``VLLM_BITCPM_FUSED_CPU_OPS=0`` keep vLLM's own call.
 
 Opt-in int8 lm_head: the logits matmul reads 1 byte per weight instead of 2.
 
@@ -96,9 +100,12 @@ def int8_gemv_available() -> bool:
     return cpu_kernel.AVAILABLE and hasattr(torch.ops.bitcpm_cpu, "int8_gemv")
 
 
-#: Largest token count sent to ``bf16_gemv``: it beats oneDNN at 1 and 2 tokens and loses from
-#: 4 on, where the matmul stops being a pure memory stream (benchmarks/kernel_speed.py "lm_head" rows).
-BF16_GEMV_MAX_TOKENS = 2
+#: Largest token count sent to ``bf16_gemv``, per the kernel's ISA path, where it was measured
+#: to beat stock vLLM's call (benchmarks/kernel_speed.py "lm_head" rows): on AVX512-BF16 it beats
+#: oneDNN at 1 and 2 tokens and loses from 4 on, where the matmul stops being a pure memory
+#: stream; on AVX2 (AVX2 mode: ATen's bf16 F.linear, as oneDNN has no bf16 matmul there) it wins
+#: at 1, 2, 4 and 10 tokens (1.3-1.6x), so it takes every count the kernel accepts.
+BF16_GEMV_MAX_TOKENS = {"avx512bf16": 2, "avx2": 16}
 
 
 def bf16_gemv_available() -> bool:
@@ -107,10 +114,13 @@ def bf16_gemv_available() -> bool:
     return cpu_kernel.AVAILABLE and hasattr(torch.ops.bitcpm_cpu, "bf16_gemv")
 
 
-def bf16_gemv_measured_faster() -> bool:
-    """The head takes the kernel only where it was measured to beat oneDNN: AVX512-BF16 CPUs.
-    Its AVX2 path is correct (tested) but has not been timed against oneDNN on an AVX2-only CPU."""
-    return bf16_gemv_available() and torch.ops.bitcpm_cpu.bf16_gemv_isa() == "avx512bf16"
+@functools.cache
+def bf16_gemv_max_tokens() -> int:
+    """Token count up to which the head takes ``bf16_gemv`` on this CPU (0: never; its other
+    paths are correct and tested but were not measured faster than stock's call)."""
+    if not bf16_gemv_available():
+        return 0
+    return BF16_GEMV_MAX_TOKENS.get(str(torch.ops.bitcpm_cpu.bf16_gemv_isa()), 0)
 
 
 _kernel_logged = False  # the first call through the kernel says so in the engine log
@@ -121,15 +131,15 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of up to BF16_GEMV_MAX_TOKENS bf16 tokens from the bf16 head, streamed once."""
+    """Logits of up to bf16_gemv_max_tokens() bf16 tokens from the bf16 head, streamed once."""
     weight = layer.weight
-    if (x.dim() == 2 and x.shape[0] <= BF16_GEMV_MAX_TOKENS and x.dtype == torch.bfloat16
+    if (x.dim() == 2 and x.shape[0] <= bf16_gemv_max_tokens() and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.is_contiguous()
             and self.bitcpm_active()):
         global _kernel_logged
         if not _kernel_logged:
             _kernel_logged = True
-            logger.info("bitcpm: lm_head logits for <= %d tokens through bf16_gemv (%s)", BF16_GEMV_MAX_TOKENS,
+            logger.info("bitcpm: lm_head logits for <= %d tokens through bf16_gemv (%s)", bf16_gemv_max_tokens(),
                         torch.ops.bitcpm_cpu.bf16_gemv_isa())
         logits = _gemv(x, weight)
         return logits if bias is None else logits + bias
@@ -147,7 +157,7 @@ def install_cpu_decode_kernel(model: torch.nn.Module, active: Callable[[], bool]
 
     head = getattr(model, "lm_head", None)
     method = getattr(head, "quant_method", None)
-    if not cpu_fused.switched_on() or type(method) is not UnquantizedEmbeddingMethod or not bf16_gemv_measured_faster():
+    if not cpu_fused.switched_on() or type(method) is not UnquantizedEmbeddingMethod or not bf16_gemv_max_tokens():
         return False
     method.__class__ = cpu_fused.subclass_overriding(UnquantizedEmbeddingMethod, "StreamingBf16", "apply",
                                                      _streaming_apply)

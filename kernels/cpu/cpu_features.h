@@ -5,28 +5,58 @@
 
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace bitcpm_cpu {
 
-inline bool cpu_has_avx2() {
+// VLLM_BITCPM_ISA caps the ISA paths every kernel may pick (scalar < avx2 < avx512 < avx512bf16;
+// unset or "auto": no cap), read once per process. It lets an AVX512 machine run what an
+// AVX2-only CPU runs (README, "AVX2 mode"). vllm_bitcpm/ops/cpu.py rejects other values with a
+// message before the kernels are first called; here an unknown value means no cap.
+enum IsaLevel { kLevelScalar = 0, kLevelAvx2 = 1, kLevelAvx512 = 2, kLevelAvx512Bf16 = 3 };
+
+inline int isa_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("VLLM_BITCPM_ISA");
+    if (v == nullptr) return int(kLevelAvx512Bf16);
+    const std::string s(v);
+    if (s == "scalar") return int(kLevelScalar);
+    if (s == "avx2") return int(kLevelAvx2);
+    if (s == "avx512") return int(kLevelAvx512);
+    return int(kLevelAvx512Bf16);
+  }();
+  return cap;
+}
+
+// What the CPU itself supports (no cap): for logs that say what a cap left out.
+inline bool cpu_supports_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-inline bool cpu_has_avx512() {
+inline bool cpu_supports_avx512() {
   __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return cpu_supports_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 }
 
-inline bool cpu_has_vnni() {
+inline bool cpu_supports_avx512bf16() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni");
+  return cpu_supports_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
-inline bool cpu_has_avx512bf16() {
+// The checks every kernel's dispatch uses: the CPU supports it and VLLM_BITCPM_ISA allows it.
+inline bool cpu_has_avx2() { return isa_cap() >= kLevelAvx2 && cpu_supports_avx2(); }
+
+inline bool cpu_has_avx512() { return isa_cap() >= kLevelAvx512 && cpu_supports_avx512(); }
+
+inline bool cpu_has_vnni() {
   __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return isa_cap() >= kLevelAvx512 && __builtin_cpu_supports("avx512vnni");
 }
+
+inline bool cpu_has_avx512bf16() { return isa_cap() >= kLevelAvx512Bf16 && cpu_supports_avx512bf16(); }
 
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

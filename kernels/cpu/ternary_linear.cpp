@@ -1088,14 +1088,14 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           c.xp = xp.data_ptr<float>();
         }
         if (Mrows >= kGemmMinM) {
-          // Prefill: dequantize tiles of rows and let at::mm do the GEMM. When x and the scales
-          // share a 16-bit dtype, every dequantized weight t*s is exact in that dtype, so the GEMM
-          // runs there (oneDNN's bf16/fp16 kernels, fp32 accumulation), as the dense layer does.
-          const at::ScalarType x_type = x_in.scalar_type();
-          const bool gemm_16bit = (x_type == at::kBFloat16 || x_type == at::kHalf) && st == x_type;
+          // Prefill: dequantize tiles of rows to fp32 and let at::mm (MKL/oneDNN sgemm) do the
+          // GEMM. 16-bit activations were widened to fp32 exactly, and their products with t*s
+          // are exact in fp32 as in a 16-bit GEMM with fp32 accumulation, so the result is the
+          // dense layer's up to summation order. A bf16 GEMM is only fast where the CPU has bf16
+          // dot products (the avx512bf16 branch above); elsewhere oneDNN has none and ATen's
+          // fallback ran a 252-token prefill ~7x slower than fp32 on an AVX2-only CPU (issue 13).
           const int64_t ld = isa == Isa::kScalar ? K : c.Kp;
-          const at::Tensor xa = gemm_16bit ? (isa == Isa::kScalar ? x : xp).to(x_type)
-                                           : (isa == Isa::kScalar ? x : xp);
+          const at::Tensor xa = isa == Isa::kScalar ? x : xp;
           int64_t tile = std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (ld * 4)) / kRowTile * kRowTile);
           tile = std::min(tile, N);
           at::Tensor wt = at::empty({tile, ld}, x.options());
@@ -1110,7 +1110,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
               else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());
             });
             const at::Tensor w_tile = wt.narrow(0, 0, t1 - t0);
-            const at::Tensor part = at::mm(xa, (gemm_16bit ? w_tile.to(x_type) : w_tile).t());
+            const at::Tensor part = at::mm(xa, w_tile.t());
             y32.narrow(1, t0, t1 - t0).copy_(part);
           }
         } else if (isa == Isa::kScalar) {
@@ -1201,6 +1201,17 @@ std::vector<std::string> isa_available() {
   return out;
 }
 
+// The best path of this CPU without VLLM_BITCPM_ISA's cap (current_isa() is the capped one).
+std::string cpu_isa() {
+  std::string s = cpu_supports_avx512bf16() ? "avx512bf16"
+                  : cpu_supports_avx512()   ? "avx512"
+                  : cpu_supports_avx2()     ? "avx2"
+                                            : "scalar";
+  __builtin_cpu_init();
+  if (cpu_supports_avx512() && __builtin_cpu_supports("avx512vnni")) s += "+vnni";
+  return s;
+}
+
 std::string current_isa() {
   std::string s = isa_name(best_isa());
   if (best_isa() >= Isa::kAvx512 && cpu_has_vnni()) s += "+vnni";
@@ -1218,6 +1229,7 @@ TORCH_LIBRARY_IMPL(bitcpm, CPU, m) { m.impl("ternary_linear", &bitcpm_cpu::terna
 TORCH_LIBRARY(bitcpm_cpu, m) {
   m.def("isa_available() -> str[]", &bitcpm_cpu::isa_available);
   m.def("current_isa() -> str", &bitcpm_cpu::current_isa);
+  m.def("cpu_isa() -> str", &bitcpm_cpu::cpu_isa);
   m.def(
       "ternary_linear_isa(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None, "
       "bool int8_activations=False, str isa='auto') -> Tensor");

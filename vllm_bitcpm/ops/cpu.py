@@ -6,7 +6,9 @@ instead of the composite PyTorch reference. It also defines ``torch.ops.bitcpm_c
 for tests and benchmarks: ``isa_available()``, ``current_isa()`` and
 ``ternary_linear_isa(..., isa)`` (force the "scalar", "avx2" or "avx512" path).
 
-The instruction set is picked at run time from what the running CPU supports. When the
+The instruction set is picked at run time from what the running CPU supports, capped by
+``VLLM_BITCPM_ISA`` (``auto``, ``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) so that an
+AVX512 machine can run, test and time what an AVX2-only CPU runs. When the
 extension was not built (no torch at build time, or a build failure), import still succeeds
 and the reference is used; either way the choice is logged once.
 """
@@ -14,13 +16,30 @@ and the reference is used; either way the choice is logged once.
 from __future__ import annotations
 
 import logging
+import os
 
 from vllm_bitcpm.ops import reference
 
 logger = logging.getLogger("vllm.bitcpm")
 
+#: Caps the kernels' ISA paths (read once per process by the C++ side, kernels/cpu/cpu_features.h).
+ISA_ENV = "VLLM_BITCPM_ISA"
+ISA_CHOICES = ("auto", "avx512bf16", "avx512", "avx2", "scalar")
+
+
+def isa_cap() -> str:
+    """The value of ``VLLM_BITCPM_ISA`` (``auto`` when unset); a clear error for anything else."""
+    value = os.environ.get(ISA_ENV) or "auto"
+    if value not in ISA_CHOICES:
+        raise ValueError(f"bitcpm: {ISA_ENV}={value!r}; expected one of {', '.join(ISA_CHOICES)}")
+    return value
+
+
+isa_cap()  # before the kernels read it
+
 AVAILABLE = False
 ISA: str | None = None
+CPU_ISA: str | None = None  # what the CPU supports, before the cap
 _logged = False
 
 try:
@@ -29,6 +48,7 @@ try:
     import torch
 
     ISA = str(torch.ops.bitcpm_cpu.current_isa())
+    CPU_ISA = str(torch.ops.bitcpm_cpu.cpu_isa())
     AVAILABLE = True
 except Exception as exc:  # noqa: BLE001 - a missing or broken build must not break the import
     _load_error: Exception | None = exc
@@ -54,7 +74,11 @@ def _log_once() -> None:
         # The CPU kernel takes precedence over the composite reference for CPU tensors, so the
         # reference's "no native kernel" warning must not fire for CPU.
         reference._warned_devices.add("cpu")
-        logger.info("bitcpm: CPU ternary kernel loaded (ISA path: %s)", ISA)
+        if ISA != CPU_ISA:
+            logger.info("bitcpm: CPU ternary kernel loaded (ISA path: %s, capped by %s=%s; this CPU: %s)",
+                        ISA, ISA_ENV, isa_cap(), CPU_ISA)
+        else:
+            logger.info("bitcpm: CPU ternary kernel loaded (ISA path: %s)", ISA)
     else:
         logger.info(
             "bitcpm: CPU ternary kernel not built (%s); CPU uses the PyTorch reference",
