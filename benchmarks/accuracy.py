@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_model_arguments, available_threads, engine_settings, first_engine_info, machine,
+    RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
     machine_name, resolve_model, run_sides,
 )
 
@@ -339,6 +339,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=available_threads(), help="model threads per engine")
     parser.add_argument("--out", default=str(RESULTS_DIR / "accuracy.json"))
     args = parser.parse_args()
+    apply_isa_mode(args)
 
     from tqdm import tqdm
 

@@ -67,6 +67,22 @@ def add_model_arguments(parser) -> None:
                             "of device (CPU: NUMA node) memory, so smaller weights leave more KV cache")
     group.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=True,
                        help="pass trust_remote_code to vLLM (default on, as BitCPM4 needs it)")
+    group.add_argument("--isa", choices=["native", "avx2"], default="native",
+                       help="avx2: AVX2 mode on an AVX512 machine, every side and library on its AVX2 "
+                            "paths (vllm_bitcpm/testing/isa_mode.py); the JSON records the paths that ran")
+
+
+def apply_isa_mode(args) -> None:
+    """Restart this benchmark in ``args.isa``'s mode if it is not already running there (the
+    switches must be in the environment before torch loads; engine children inherit them)."""
+    from vllm_bitcpm.testing import isa_mode
+
+    if args.isa == "avx2" and getattr(args, "compile", False):
+        raise SystemExit("--isa avx2 runs eager engines only: on an AVX512 machine, torch.compile's generated "
+                         "code under ATEN_CPU_CAPABILITY=avx2 gave wrong results around the plugin's op "
+                         "(tests/test_op.py::test_fake_impl_traces_under_torch_compile fails in AVX2 mode), "
+                         "so compiled AVX2 figures must come from an AVX2-only machine")
+    isa_mode.ensure_mode(args.isa)
 
 
 def resolve_model(args) -> str:
@@ -254,7 +270,10 @@ def engine_platform() -> dict[str, Any]:
     import vllm
     from vllm.platforms import current_platform
 
-    info = {"vllm": vllm.__version__, "torch": torch.__version__, "platform": current_platform.device_name}
+    from vllm_bitcpm.testing.isa_mode import isa_paths
+
+    info = {"vllm": vllm.__version__, "torch": torch.__version__, "platform": current_platform.device_name,
+            "isa_paths": isa_paths()}
     if current_platform.device_type != "cpu":
         try:
             info["device"] = current_platform.get_device_name()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from engine_sides import add_model_arguments, engine_settings, model_threads_env, resolve_model
+    from engine_sides import add_model_arguments, apply_isa_mode, engine_settings, model_threads_env, resolve_model
 
     add_model_arguments(parser)
     parser.add_argument("--stock", action="store_true", help="profile stock vLLM (plugin disabled)")
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     args = parser.parse_args()
+    apply_isa_mode(args)
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import accuracy  # noqa: E402
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_model_arguments, available_threads, engine_settings, first_engine_info, machine,
+    RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
     machine_name, resolve_model, run_sides,
 )
 
@@ -280,6 +280,8 @@ def write_outputs(report: dict, results_dir: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.from_json:
+        apply_isa_mode(args)
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
     else:

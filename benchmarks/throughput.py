@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, TOKENS_PER_REQUEST, add_model_arguments, available_threads, engine_settings,
+    RESULTS_DIR, SIDE_LABELS, TOKENS_PER_REQUEST, add_model_arguments, apply_isa_mode, available_threads, engine_settings,
     first_engine_info, machine, machine_name, resolve_model, run_sides,
 )
 
@@ -275,6 +275,7 @@ def main() -> None:
                         help="model thread counts to run (each one engine per side)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "throughput.json"))
     args = parser.parse_args()
+    apply_isa_mode(args)
 
     from tqdm import tqdm
 

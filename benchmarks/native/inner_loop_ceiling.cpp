@@ -1,4 +1,5 @@
-// What bounds the exact AVX512-BF16 decode loop of kernels/cpu/ternary_linear.cpp at M = 1?
+// What bounds the exact decode loops of kernels/cpu/ternary_linear.cpp at M = 1 (AVX2 fp32 and
+// AVX512-BF16), and would a lookup-table loop beat them?
 //
 // Runs the kernel's inner loop (per 32 weights: `vpsrlw`, `vpermw`, an activation load,
 // `vdpbf16ps`) on codes and activations that stay in L2, and two variants that drop one part:
@@ -101,11 +102,88 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) __attribute__((noinline)) f
   return _mm512_reduce_add_ps(total);
 }
 
-int main(int argc, char** argv) {
-  if (!__builtin_cpu_supports("avx512bf16")) {
-    std::printf("{\"error\": \"this CPU has no AVX512-BF16\"}\n");
-    return 0;
+// ------------------------------------------------------------------------------------------
+// AVX2 (fp32 activations: how the kernel runs exact mode on CPUs without AVX512-BF16, bf16
+// activations widened exactly). kAvx2Full is the kernel's exact decode loop (exact_rows_avx2_t,
+// one token): per 8 weights `vpsrld` + `vpermps` from {-s, 0, s, 0, ...} + one FMA with x.
+// kAvx2FmaOnly drops the decode (the code word, as floats, goes straight into the FMA): the
+// ceiling of any loop that spends one FMA per 8 weights. kAvx2LutTriples is the lookup-table
+// idea for float activations on AVX2, in bit planes: t = p - n with p, n in {0, 1}; per column
+// triple an 8-entry fp32 table of subset sums of (x0, x1, x2), so one `vpermps` looks up one
+// plane of 3 columns for 8 rows at once. The repacked layout puts, per group of 8 rows, one
+// 32-bit word per row per plane holding ten 3-bit fields (30 columns): per 240 weights 2 code
+// loads, 10 table loads, 18 shifts, 20 `vpermps`, 20 add/sub (tables built inside the timing).
+enum Avx2Variant { kAvx2Full = 0, kAvx2FmaOnly = 1, kAvx2LutTriples = 2 };
+
+template <int V>
+__attribute__((target("avx2,fma"))) __attribute__((noinline)) float run_avx2(const uint8_t* codes, const float* x,
+                                                                            float* tables, int rows, int K) {
+  __m256 total = _mm256_setzero_ps();
+  if (V == kAvx2LutTriples) {
+    const int nword = K / 30;
+    for (int w = 0; w < nword * 10; ++w) {  // table of column triple w: entry i = sum of x[j] for set bits j of i
+      const float* xc = x + 3 * w;
+      float* t = tables + 8 * w;
+      for (int i = 0; i < 8; ++i) t[i] = ((i & 1) ? xc[0] : 0.f) + ((i & 2) ? xc[1] : 0.f) + ((i & 4) ? xc[2] : 0.f);
+    }
+    for (int rg = 0; rg < rows / 8; ++rg) {
+      const uint8_t* grp = codes + static_cast<size_t>(rg) * nword * 64;
+      __m256 accp[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, accn[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int w = 0; w < nword; ++w) {
+        const __m256i dp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + w * 64));
+        const __m256i dn = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + w * 64 + 32));
+        const float* tw = tables + w * 80;
+#pragma GCC unroll 10
+        for (int f = 0; f < 10; ++f) {
+          const __m256 t = _mm256_loadu_ps(tw + 8 * f);
+          const __m256i ip = f ? _mm256_srli_epi32(dp, 3 * f) : dp, in = f ? _mm256_srli_epi32(dn, 3 * f) : dn;
+          accp[f & 1] = _mm256_add_ps(accp[f & 1], _mm256_permutevar8x32_ps(t, ip));
+          accn[f & 1] = _mm256_add_ps(accn[f & 1], _mm256_permutevar8x32_ps(t, in));
+        }
+      }
+      total = _mm256_add_ps(total, _mm256_sub_ps(_mm256_add_ps(accp[0], accp[1]), _mm256_add_ps(accn[0], accn[1])));
+    }
+  } else {
+    const __m256 lut = _mm256_setr_ps(-1.f, 0.f, 1.f, 0.f, -1.f, 0.f, 1.f, 0.f);
+    const int nblk = K / 128;
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = codes + static_cast<size_t>(r) * nblk * 32;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int blk = 0; blk < nblk; ++blk) {
+        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * 32));
+        const float* xk = x + blk * 128;
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s)
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) {
+            const __m256 xv = _mm256_loadu_ps(xk + 32 * s + 8 * b);
+            const __m256 w = V == kAvx2FmaOnly ? _mm256_castsi256_ps(d)
+                             : _mm256_permutevar8x32_ps(lut, (8 * b + 2 * s) ? _mm256_srli_epi32(d, 8 * b + 2 * s) : d);
+            acc[s] = _mm256_fmadd_ps(w, xv, acc[s]);
+          }
+      }
+      total = _mm256_add_ps(total, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    }
   }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, total);
+  return out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7];
+}
+
+template <typename Fn>
+double best_seconds(Fn&& fn) {
+  double best = 1e30;
+  volatile float sink = 0;
+  for (int rep = 0; rep < 200; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    sink = sink + fn();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+  }
+  return best;
+}
+
+int main(int argc, char** argv) {
   const int K = argc > 1 ? std::atoi(argv[1]) : 1024;
   const int rows = argc > 2 ? std::atoi(argv[2]) : 1024;  // 1024 x 1024 weights: 256 KiB of codes
   const int nchunk = K / 256;
@@ -113,26 +191,40 @@ int main(int argc, char** argv) {
   for (auto& c : codes) c = static_cast<uint8_t>(std::rand());
   std::vector<uint16_t> x(K, 0x3F80);
   std::vector<float> xf(K, 1.0f), tables(static_cast<size_t>(K) * 16);
-  const char* names[] = {"full (shift + permute + vdpbf16ps)", "dot products only", "decode only",
-                         "full, two tables (half the shifts)", "lookup table, column pairs (vpermps + vaddps)",
-                         "lookup table, column triples (vpermt2ps + vaddps)"};
-  float (*fns[])(const uint8_t*, const uint16_t*, int, int) = {run<kFull>, run<kDotOnly>, run<kDecodeOnly>,
-                                                               run<kTwoTables>};
+  const char* sep = "";
+  auto emit = [&](const char* isa, const char* name, double seconds, double weights) {
+    std::printf("%s{\"isa\": \"%s\", \"variant\": \"%s\", \"seconds\": %.9g, \"gweights_per_s\": %.4g}", sep, isa,
+                name, seconds, weights / seconds / 1e9);
+    sep = ", ";
+  };
   std::printf("[");
-  for (int v = 0; v < 6; ++v) {
-    double best = 1e30;
-    volatile float sink = 0;
-    for (int rep = 0; rep < 200; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
-      if (v < 4) sink = sink + fns[v](codes.data(), x.data(), rows, nchunk);
-      else if (v == kLutPairs) sink = sink + run_lut<kLutPairs>(codes.data(), xf.data(), tables.data(), rows, K);
-      else sink = sink + run_lut<kLutTriples>(codes.data(), xf.data(), tables.data(), rows, K / 18 * 18);
-      const auto t1 = std::chrono::steady_clock::now();
-      best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    const int k30 = K / 30 * 30;
+    emit("avx2", "fp32: shift + vpermps + FMA per 8 weights (the kernel's loop)",
+         best_seconds([&] { return run_avx2<kAvx2Full>(codes.data(), xf.data(), tables.data(), rows, K); }),
+         double(rows) * K);
+    emit("avx2", "fp32: FMA only (no decode)",
+         best_seconds([&] { return run_avx2<kAvx2FmaOnly>(codes.data(), xf.data(), tables.data(), rows, K); }),
+         double(rows) * K);
+    emit("avx2", "fp32 lookup table, column triples in bit planes (vpermps + vaddps, 8 rows)",
+         best_seconds([&] { return run_avx2<kAvx2LutTriples>(codes.data(), xf.data(), tables.data(), rows, k30); }),
+         double(rows) * k30);
+  }
+  if (__builtin_cpu_supports("avx512bf16")) {
+    const char* names[] = {"full (shift + permute + vdpbf16ps)", "dot products only", "decode only",
+                           "full, two tables (half the shifts)", "lookup table, column pairs (vpermps + vaddps)",
+                           "lookup table, column triples (vpermt2ps + vaddps)"};
+    float (*fns[])(const uint8_t*, const uint16_t*, int, int) = {run<kFull>, run<kDotOnly>, run<kDecodeOnly>,
+                                                                 run<kTwoTables>};
+    for (int v = 0; v < 6; ++v) {
+      const int kv = v == kLutTriples ? K / 18 * 18 : K;
+      const double t = best_seconds([&] {
+        if (v < 4) return fns[v](codes.data(), x.data(), rows, nchunk);
+        if (v == kLutPairs) return run_lut<kLutPairs>(codes.data(), xf.data(), tables.data(), rows, K);
+        return run_lut<kLutTriples>(codes.data(), xf.data(), tables.data(), rows, kv);
+      });
+      emit("avx512bf16", names[v], t, double(rows) * kv);
     }
-    const double weights = static_cast<double>(rows) * (v == kLutTriples ? K / 18 * 18 : K);
-    std::printf("%s{\"variant\": \"%s\", \"seconds\": %.9g, \"gweights_per_s\": %.4g}", v ? ", " : "", names[v], best,
-                weights / best / 1e9);
   }
   std::printf("]\n");
   return 0;

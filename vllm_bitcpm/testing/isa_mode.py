@@ -79,7 +79,8 @@ def _loaded_vllm_c_library() -> str | None:
 
 def isa_paths() -> dict[str, Any]:
     """The ISA paths this process actually runs, for benchmark JSON: ATen's capability, the
-    caps in the environment, the plugin's kernels, and vLLM's ``_C`` build where loaded."""
+    caps in the environment, the plugin's kernels (where this process loaded them: never in a
+    stock engine) and vLLM's ``_C`` build where loaded."""
     import torch
 
     info: dict[str, Any] = {
@@ -90,6 +91,9 @@ def isa_paths() -> dict[str, Any]:
         "torch_sees_avx512": bool(torch.cpu._is_avx512_supported()),
         "torch_sees_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
     }
+    if "vllm_bitcpm.ops" not in sys.modules:  # a stock engine: the plugin's kernels never loaded
+        info["vllm_c_library"] = _loaded_vllm_c_library()
+        return info
     from vllm_bitcpm.ops import cpu as cpu_kernel
 
     info["bitcpm_kernel_isa"] = cpu_kernel.ISA
