@@ -6,7 +6,7 @@ F.linear in bf16 and fp32 with an (N, K) weight, and the PyTorch reference op (u
 It reports time per call (median), weight bytes streamed per second (packed 2-bit codes +
 scales for ternary, the dense weight for F.linear), GMAC/s, and the measured memory-bandwidth
 ceiling beside them; plus a "whole model" line (24 layers x one of each shape at M=1). The
-bf16 lm_head (73448 x 1024, tied embedding) at M in {1, 2, 4, 10}: vLLM's oneDNN call (what
+bf16 lm_head (73448 x 1024, tied embedding) at M in {1, 2, 4, 10, 16}: vLLM's oneDNN call (what
 stock vLLM runs), the plugin's streaming ``bitcpm_cpu.bf16_gemv`` and F.linear; and the opt-in
 int8 head: ATen's ``_weight_int8pack_mm`` vs the plugin's ``bitcpm_cpu.int8_gemv``. Runs with 1
 and 2 threads. Prints Markdown, writes benchmarks/results/kernel_speed.json.
@@ -37,7 +37,7 @@ from vllm_bitcpm.ops import reference
 
 SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
 HEAD = (1024, 73448)  # lm_head K -> N (vocabulary)
-HEAD_MS = (1, 2, 4, 10)
+HEAD_MS = (1, 2, 4, 10, 16)  # 16: the most tokens lm_head.py sends to the kernels
 LAYERS = 24
 MS = (1, 10, 252)
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -139,3 +139,20 @@ def test_inner_loop_ceiling_runs(tmp_path):
     assert len(rows) == expected and all(r["gweights_per_s"] > 0 and r["model_ms_per_token"] > 0 for r in rows)
     assert sum(r["isa"] == "avx2" for r in rows) == 3
     assert any(r["variant"].startswith("fp32 lookup table, column triples") for r in rows)
+
+
+def test_instruction_counts_runs(tmp_path):
+    """benchmarks/instruction_counts.py counts the AVX2 kernel under callgrind (one small case)."""
+    import shutil
+
+    from vllm_bitcpm.ops import cpu as cpu_kernel
+
+    if shutil.which("valgrind") is None or "avx2" not in cpu_kernel.isa_available():
+        pytest.skip("needs valgrind and an AVX2 CPU")
+    out = tmp_path / "counts.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "instruction_counts.py"), "--shapes", "o", "--tokens", "1",
+                           "--calls", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    # the decode loop alone is ~12 instructions per 32 weights; the whole call cannot be below it
+    assert row["isa"] == "avx2" and row["M"] == 1 and 12 < row["per_32_weight_token_products"] < 100

@@ -57,13 +57,17 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
+// The best path by the kernels' own checks (capped: cpu_has_*, VLLM_BITCPM_ISA applied) or by
+// the CPU alone (cpu_supports_*, for the log line that says what a cap left out).
+Isa detect_isa(bool capped) {
+  if (capped ? cpu_has_avx512bf16() : cpu_supports_avx512bf16()) return Isa::kAvx512Bf16;
+  if (capped ? cpu_has_avx512() : cpu_supports_avx512()) return Isa::kAvx512;
+  if (capped ? cpu_has_avx2() : cpu_supports_avx2()) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
 Isa best_isa() {
-  static const Isa isa = [] {
-    if (cpu_has_avx512bf16()) return Isa::kAvx512Bf16;
-    if (cpu_has_avx512()) return Isa::kAvx512;
-    if (cpu_has_avx2()) return Isa::kAvx2;
-    return Isa::kScalar;
-  }();
+  static const Isa isa = detect_isa(true);
   return isa;
 }
 
@@ -272,8 +276,9 @@ void permute_x(const Ctx& c, float* xp) {
 // single chain a 1-token row is latency bound), chunk s feeds chain s % A.
 // WholeRow (G == 1, per-row or per-tensor scales, as BitCPM4): the table stays {-1, 0, +1, 0}
 // (products x*t exact) and the row's scale multiplies the fp32 sum once, so a row has no scale
-// buffer, group bookkeeping or table multiply: 35% fewer instructions per 1-token gate_up call
-// (valgrind --tool=callgrind, VLLM_BITCPM_ISA=avx2), where a 1024-wide row is only 8 blocks.
+// buffer, group bookkeeping or table multiply: 22.5 -> 14.6 instructions per 32 weights for a
+// 1-token gate_up call, 15.4 -> 13.4 at 10 tokens (benchmarks/instruction_counts.py), where a
+// 1024-wide row is only 8 blocks.
 template <int MB, bool WholeRow>
 __attribute__((target("avx2,fma"))) void exact_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
                                                           float* sbuf) {
@@ -550,7 +555,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline float hsum5
   return _mm512_reduce_add_ps(v);
 }
 
-template <int MB>
+// WholeRow: as in exact_rows_avx2_t (fixed table, the row's scale applied to the fp32 sum once).
+template <int MB, bool WholeRow>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_avx512_t(const Ctx& c, int64_t n0,
                                                                                        int64_t n1, int64_t m0,
                                                                                        float* sbuf) {
@@ -564,7 +570,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
     }
   constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);  // accumulator chains per token
   for (int64_t n = n0; n < n1; ++n) {
-    load_row_scales(c, n, sbuf);
+    if (!WholeRow) load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
     const float* xb = c.xp + m0 * c.Kp;
     __m512 acc[MB][A];
@@ -573,17 +579,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
 #pragma GCC unroll 4
       for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
     int64_t cur_g = -1;
-    __m512 lut = _mm512_setzero_ps();
+    __m512 lut = base;
     for (int64_t blk = 0; blk < c.nblk; ++blk) {
       const __m512i d = _mm512_broadcast_i64x4(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes)));
       const float* xk = xb + blk * kBlockWeights;
 #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
-        const int64_t g = group_of(c, blk * kBlockWeights + 32 * s);
-        if (g != cur_g) {
-          cur_g = g;
-          lut = _mm512_mul_ps(_mm512_set1_ps(sbuf[g]), base);
+        if (!WholeRow) {
+          const int64_t g = group_of(c, blk * kBlockWeights + 32 * s);
+          if (g != cur_g) {
+            cur_g = g;
+            lut = _mm512_mul_ps(_mm512_set1_ps(sbuf[g]), base);
+          }
         }
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
@@ -594,12 +602,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
         }
       }
     }
+    const float row_scale = WholeRow ? whole_row_scale(c, n) : 1.f;
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       __m512 t = acc[m][0];
 #pragma GCC unroll 4
       for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
-      c.y[(m0 + m) * c.N + n] = hsum512(t);
+      c.y[(m0 + m) * c.N + n] = WholeRow ? hsum512(t) * row_scale : hsum512(t);
     }
   }
 }
@@ -961,7 +970,8 @@ RowFn pick_mb(int mb) {
 }
 template <int MB> struct ExactAvx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx2_t<MB, false>(c, a, b, m, s); } };
 template <int MB> struct ExactAvx2WholeRow { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx2_t<MB, true>(c, a, b, m, s); } };
-template <int MB> struct ExactAvx512 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx512_t<MB>(c, a, b, m, s); } };
+template <int MB> struct ExactAvx512 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx512_t<MB, false>(c, a, b, m, s); } };
+template <int MB> struct ExactAvx512WholeRow { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_avx512_t<MB, true>(c, a, b, m, s); } };
 template <int MB> struct ExactBf16 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_rows_bf16_t<MB>(c, a, b, m, s); } };
 template <int MB> struct ExactBf16Pairs { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { exact_row_pairs_bf16_t<MB>(c, a, b, m, s); } };
 template <int MB> struct Int8Avx2 { static void run(const Ctx& c, int64_t a, int64_t b, int64_t m, float* s) { int8_rows_avx2_t<MB>(c, a, b, m, s); } };
@@ -1101,7 +1111,8 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           // are exact in fp32 as in a 16-bit GEMM with fp32 accumulation, so the result is the
           // dense layer's up to summation order. A bf16 GEMM is only fast where the CPU has bf16
           // dot products (the avx512bf16 branch above); elsewhere oneDNN has none and ATen's
-          // fallback ran a 252-token prefill ~7x slower than fp32 on an AVX2-only CPU (issue 13).
+          // fallback takes 3.2-3.7x as long as this fp32 GEMM on the 0.5B layers at 252 tokens
+          // (benchmarks/kernel_speed.py --isa avx2, "dense bf16" vs "ternary exact").
           const int64_t ld = isa == Isa::kScalar ? K : c.Kp;
           const at::Tensor xa = isa == Isa::kScalar ? x : xp;
           int64_t tile = std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (ld * 4)) / kRowTile * kRowTile);
@@ -1128,9 +1139,9 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         } else {
           const int mbt = token_tile(isa, false);
           run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
-            RowFn fn = isa >= Isa::kAvx512 ? pick_mb<ExactAvx512>(mb)
-                       : G == 1               ? pick_mb<ExactAvx2WholeRow>(mb)
-                                              : pick_mb<ExactAvx2>(mb);
+            // Whole-row scales (G == 1, BitCPM4) skip the per-group scale bookkeeping.
+            RowFn fn = isa >= Isa::kAvx512 ? (G == 1 ? pick_mb<ExactAvx512WholeRow>(mb) : pick_mb<ExactAvx512>(mb))
+                                           : (G == 1 ? pick_mb<ExactAvx2WholeRow>(mb) : pick_mb<ExactAvx2>(mb));
             fn(c, a, b, m0, s);
           });
         }
@@ -1211,22 +1222,18 @@ std::vector<std::string> isa_available() {
   return out;
 }
 
-// The best path of this CPU without VLLM_BITCPM_ISA's cap (current_isa() is the capped one).
-std::string cpu_isa() {
-  std::string s = cpu_supports_avx512bf16() ? "avx512bf16"
-                  : cpu_supports_avx512()   ? "avx512"
-                  : cpu_supports_avx2()     ? "avx2"
-                                            : "scalar";
+// "avx512bf16+vnni" and the like: the path name, plus VNNI where an AVX512 path can use it.
+std::string isa_label(Isa isa) {
+  std::string s = isa_name(isa);
   __builtin_cpu_init();
-  if (cpu_supports_avx512() && __builtin_cpu_supports("avx512vnni")) s += "+vnni";
+  if (isa >= Isa::kAvx512 && __builtin_cpu_supports("avx512vnni")) s += "+vnni";
   return s;
 }
 
-std::string current_isa() {
-  std::string s = isa_name(best_isa());
-  if (best_isa() >= Isa::kAvx512 && cpu_has_vnni()) s += "+vnni";
-  return s;
-}
+std::string current_isa() { return isa_label(best_isa()); }
+
+// This CPU's best path without VLLM_BITCPM_ISA's cap.
+std::string cpu_isa() { return isa_label(detect_isa(false)); }
 
 }  // namespace
 }  // namespace bitcpm_cpu
