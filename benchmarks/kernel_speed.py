@@ -80,11 +80,11 @@ def make_layer(k: int, n: int, seed: int = 0):
     return codes, scales, dense
 
 
-def bench_threads(threads: int, quick: bool) -> dict:
+def bench_threads(threads: int, quick: bool, head_only: bool = False) -> dict:
     torch.set_num_threads(threads)
     out = {"threads": threads, "bandwidth_gbs": bandwidth_gbs(), "rows": []}
     min_time = 0.1 if quick else 0.25
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ({} if head_only else SHAPES).items():
         codes, scales, dense32 = make_layer(k, n)
         dense16 = dense32.to(torch.bfloat16)
         packed_bytes = codes.numel() + scales.numel() * scales.element_size()
@@ -180,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing, skip slow reference cases")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--head-only", action="store_true", help="only the lm_head rows (no layer shapes)")
     parser.add_argument("--out", type=Path, help="JSON path (default results/kernel_speed[-avx2].json)")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native",
                         help="avx2: AVX2 mode on an AVX512 machine (vllm_bitcpm/testing/isa_mode.py)")
@@ -193,7 +194,7 @@ def main() -> None:
         print("warning: the CPU kernel is not built; 'ternary' rows time the PyTorch reference")
     res = {"machine": machine_info(), "runs": []}
     for threads in args.threads:
-        res["runs"].append(bench_threads(threads, args.quick))
+        res["runs"].append(bench_threads(threads, args.quick, args.head_only))
     md = to_markdown(res)
     print(f"Machine: {res['machine']}")
     print(md)

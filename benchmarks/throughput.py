@@ -154,6 +154,8 @@ def flat_metrics(side_result: dict) -> dict:
         "env": side_result.get("env"),
         "model_threads_bind": side_result["model_threads_bind"],
         "model_threads": side_result["model_threads"],
+        # what this side's engine ran (a stock engine never loads the plugin's kernels)
+        "isa_paths": side_result.get("engine_platform", {}).get("isa_paths"),
     }
 
 

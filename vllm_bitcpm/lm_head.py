@@ -104,7 +104,8 @@ def int8_gemv_available() -> bool:
 #: to beat stock vLLM's call (benchmarks/kernel_speed.py "lm_head" rows): on AVX512-BF16 it beats
 #: oneDNN at 1 and 2 tokens and loses from 4 on, where the matmul stops being a pure memory
 #: stream; on AVX2 (AVX2 mode: ATen's bf16 F.linear, as oneDNN has no bf16 matmul there) it wins
-#: at 1, 2, 4 and 10 tokens (1.3-1.6x), so it takes every count the kernel accepts.
+#: at 1, 2, 4, 10 and 16 tokens in three runs (1.1-1.2x at one token, 1.4-1.6x from two on), so
+#: it takes every count the kernel accepts.
 BF16_GEMV_MAX_TOKENS = {"avx512bf16": 2, "avx2": 16}
 
 

@@ -1111,7 +1111,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           // are exact in fp32 as in a 16-bit GEMM with fp32 accumulation, so the result is the
           // dense layer's up to summation order. A bf16 GEMM is only fast where the CPU has bf16
           // dot products (the avx512bf16 branch above); elsewhere oneDNN has none and ATen's
-          // fallback takes 3.2-3.7x as long as this fp32 GEMM on the 0.5B layers at 252 tokens
+          // fallback takes 3.2-3.8x as long as this fp32 GEMM on the 0.5B layers at 252 tokens
           // (benchmarks/kernel_speed.py --isa avx2, "dense bf16" vs "ternary exact").
           const int64_t ld = isa == Isa::kScalar ? K : c.Kp;
           const at::Tensor xa = isa == Isa::kScalar ? x : xp;
