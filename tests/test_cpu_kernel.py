@@ -4,6 +4,10 @@ avx512bf16)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -272,11 +276,6 @@ def test_bf16_activations_are_exact_up_to_the_output_rounding(isa, case, scale_d
 
 def _kernel_report(env_isa: str) -> dict:
     """What a fresh process with VLLM_BITCPM_ISA=env_isa loads (the cap is read once per process)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = ("import json, torch; from vllm_bitcpm.ops import cpu; "
             "print(json.dumps({'isa': cpu.ISA, 'cpu_isa': cpu.CPU_ISA, 'available': cpu.isa_available(), "
             "'bf16_gemv': torch.ops.bitcpm_cpu.bf16_gemv_isa(), 'int8_gemv': torch.ops.bitcpm_cpu.int8_gemv_isa()}))")
@@ -298,10 +297,6 @@ def test_isa_cap_limits_every_kernel(cap):
 
 
 def test_isa_cap_rejects_unknown_values():
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "VLLM_BITCPM_ISA": "avx1024"}
     proc = subprocess.run([sys.executable, "-c", "import vllm_bitcpm.ops"], env=env, capture_output=True,
                           text=True, timeout=120)
