@@ -111,7 +111,8 @@ setup(
         "cuda": ["vllm>=0.18"],
         # vllm-ascend is built from source against CANN: see README "Ascend".
         "test": ["pytest>=8", "requests"],
-        "bench": ["matplotlib"],
+        # matplotlib: plots; gguf: the llama.cpp peer's GGUF (llama-cpp-python itself: scripts/setup-llama-cpp.sh)
+        "bench": ["matplotlib", "gguf>=0.17"],
     },
     entry_points={
         "vllm.general_plugins": ["bitcpm = vllm_bitcpm:register"],

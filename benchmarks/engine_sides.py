@@ -26,17 +26,27 @@ if str(HERE) not in sys.path:
 
 RESULTS_DIR = HERE / "results"
 
-#: (name, plugin enabled, extra environment): stock, the default ternary path, the fast options.
+#: (name, plugin enabled, extra environment, engine settings it overrides): stock, the default
+#: ternary path, the fast options, and float32 engines (the fast dtype where a CPU has no bf16 GEMM).
 SIDES = [
-    ("stock", False, {}),
-    ("plugin", True, {}),
-    ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
+    ("stock", False, {}, {}),
+    ("plugin", True, {}, {}),
+    ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}, {}),
+    ("stock-fp32", False, {}, {"dtype": "float32"}),
+    ("plugin-fp32", True, {}, {"dtype": "float32"}),
 ]
-SIDE_NAMES = [name for name, _, _ in SIDES]
+SIDE_NAMES = [name for name, *_ in SIDES]
+#: What runs unless --sides says otherwise (report.py --isa avx2 adds stock-fp32, a target's baseline).
+DEFAULT_SIDES = ["stock", "plugin", "plugin-int8"]
 SIDE_LABELS = {
     "stock": "stock vLLM",
     "plugin": "vLLM + bitcpm",
     "plugin-int8": "vLLM + bitcpm int8",
+    "stock-fp32": "stock vLLM float32",
+    "plugin-fp32": "vLLM + bitcpm float32",
+    # peers measured in the same run (benchmarks/llama_cpp_peer.py)
+    "llama.cpp-f16": "llama.cpp TQ2_0",
+    "llama.cpp-q8_0": "llama.cpp TQ2_0 + Q8_0 head",
 }
 
 #: Requests the throughput measurements size their KV cache question for (the report's).
@@ -58,7 +68,9 @@ def add_model_arguments(parser) -> None:
     group.add_argument("--checkpoints", default="checkpoints", help="cache of synthetic checkpoints")
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                        help="engine dtype (default bfloat16, as users run BitCPM4)")
-    group.add_argument("--sides", nargs="+", default=SIDE_NAMES, choices=SIDE_NAMES)
+    group.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=SIDE_NAMES,
+                       help=f"vLLM engines to run (default {' '.join(DEFAULT_SIDES)}); the *-fp32 sides "
+                            "override --dtype with float32")
     group.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
     group.add_argument("--kv-cache-gib", type=float, default=1.0,
                        help="explicit KV cache size (same for every side)")
@@ -161,11 +173,11 @@ def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list
     only: timings become meaningless) starts them together, each pinned to its own CPUs where
     there are enough. A side whose engine fails reports ``{"error": ...}``; the others still run.
     """
-    chosen = [(side, plugin, env) for side, plugin, env in SIDES if side in sides]
+    chosen = [(side, plugin, env, overrides) for side, plugin, env, overrides in SIDES if side in sides]
 
-    def one(index: int, side: str, plugin: bool, env: dict) -> dict:
+    def one(index: int, side: str, plugin: bool, env: dict, overrides: dict) -> dict:
         threads_env = model_threads_env(threads, offset=index * threads if parallel else 0)
-        result = _run_side(model, settings, measures, plugin, {**threads_env, **env}, timeout)
+        result = _run_side(model, {**settings, **overrides}, measures, plugin, {**threads_env, **env}, timeout)
         if "error" not in result and result["model_threads"] != threads:
             result = {"error": f"engine ran {result['model_threads']} model threads, {threads} were asked for"}
         if progress is not None:
@@ -173,19 +185,19 @@ def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list
         return result
 
     if progress is not None:
-        progress.set_description(f"{'+'.join(s for s, _, _ in chosen) if parallel else chosen[0][0]}, "
+        progress.set_description(f"{'+'.join(s for s, *_ in chosen) if parallel else chosen[0][0]}, "
                                  f"{threads} thread(s)")
     if parallel:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(chosen)) as pool:
-            futures = {side: pool.submit(one, i, side, plugin, env) for i, (side, plugin, env) in enumerate(chosen)}
+            futures = {choice[0]: pool.submit(one, i, *choice) for i, choice in enumerate(chosen)}
             return {side: future.result() for side, future in futures.items()}
     results = {}
-    for i, (side, plugin, env) in enumerate(chosen):
+    for i, choice in enumerate(chosen):
         if progress is not None:
-            progress.set_description(f"{side}, {threads} thread(s)")
-        results[side] = one(i, side, plugin, env)
+            progress.set_description(f"{choice[0]}, {threads} thread(s)")
+        results[choice[0]] = one(i, *choice)
     return results
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_decode.py                    # plugin, 1 thread, batch 1
     .venv/bin/python benchmarks/profile_decode.py --stock --batch 10 --threads 2
+    .venv/bin/python benchmarks/profile_decode.py --prefill 252      # one 252-token prefill instead
 
 Not a benchmark (profiling slows every op); it answers "what should be optimised next" by
 printing the ops that take the most self CPU time per decode step, grouped by op name. The engine
@@ -28,13 +29,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="model OpenMP threads, pinned")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
+    parser.add_argument("--prefill", type=int, metavar="TOKENS",
+                        help="profile one prefill of a TOKENS-long prompt per sequence (max_tokens=1) instead")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     args = parser.parse_args()
-    apply_isa_mode(args)
-
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP
+    os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP (AVX2 mode imports it early)
     os.environ["VLLM_PLUGINS"] = "" if args.stock else "bitcpm"
+    apply_isa_mode(args)
     model = resolve_model(args)
     settings = engine_settings(args)
     settings["max_logprobs"] = 20
@@ -48,14 +50,19 @@ def main() -> None:
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, warm, use_tqdm=False)
 
-    params = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
+    steps = 1 if args.prefill else args.tokens + 1
+    if args.prefill:  # fresh random-ish prompts (prefix caching is off), one step each
+        prompts = [{"prompt_token_ids": [(7 * i + 13 * j) % 30000 + 3 for j in range(args.prefill)]}
+                   for i in range(args.batch)]
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)  # this prompt length once
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, params, use_tqdm=False)
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
-    steps = args.tokens + 1
-    print(f"\n{'stock' if args.stock else 'bitcpm'}: batch {args.batch}, {args.threads} thread(s), "
-          f"{steps} steps, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
+    what = f"prefill of {args.prefill} tokens" if args.prefill else f"{steps} steps"
+    print(f"\n{'stock' if args.stock else 'bitcpm'} ({args.dtype}): batch {args.batch}, {args.threads} thread(s), "
+          f"{what}, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
     calls = sum(e.count for e in events) / steps
     print(f"{calls:.0f} op calls per step (VLLM_BITCPM_FUSED_CPU_OPS={os.environ.get('VLLM_BITCPM_FUSED_CPU_OPS', '1')})")
     print(f"{'op':60s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s}")

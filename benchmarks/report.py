@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import accuracy  # noqa: E402
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
+    DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
     machine_name, resolve_model, run_sides,
 )
 
@@ -51,10 +51,24 @@ CPU_TARGETS = [
     ("prefill, 252-token prompt (tok/s)", "prefill_tok_per_s", 1.0, ("pp256", 0.8)),
 ]
 WEIGHT_TARGET_GIB = 0.30
+#: The AVX2 issue's targets (one run, AVX2 machine or AVX2 mode, bf16): (metric key, label, side,
+#: [(baseline side, multiple)]); a target is met when the side reaches every baseline x multiple.
+AVX2_TARGETS = [
+    ("decode_b1_tok_per_s", "decode, batch 1 (tok/s)", "plugin", [("llama.cpp-f16", 0.8)]),
+    ("decode_b1_tok_per_s", "decode, batch 1 (tok/s)", "plugin-int8", [("llama.cpp-f16", 1.0)]),
+    ("prefill_tok_per_s", "prefill, 252-token prompt (tok/s)", "plugin", [("stock-fp32", 1.0)]),
+    ("prefill_tok_per_s", "prefill, 252-token prompt (tok/s)", "plugin-int8", [("llama.cpp-f16", 1.0)]),
+    ("decode_b10_tok_per_s", "decode, batch 10 (tok/s)", "plugin", [("stock", 4.0), ("stock-fp32", 1.0)]),
+    ("decode_b10_tok_per_s", "decode, batch 10 (tok/s)", "plugin-int8", [("stock", 4.0), ("stock-fp32", 1.0)]),
+]
+#: Peer metrics compared side by side with the vLLM sides (what llama_cpp_peer.py measures).
+PEER_METRICS = [("decode_b1_tok_per_s", "decode, batch 1 (tok/s)", "{:.1f}"),
+                ("prefill_tok_per_s", "prefill, 252-token prompt (tok/s)", "{:.0f}"),
+                ("weight_gib", "weights, all incl. embedding (GiB)", "{:.3f}")]
 
 #: Settings of --smoke: the tiny synthetic model, a few tokens, one repeat, one thread.
 SMOKE = {"synthetic": "tiny", "batch_max_tokens": [4], "single_max_tokens": 4, "decode_tokens": 4,
-         "repeats": 1, "kv_cache_gib": 1 / 16, "threads": [1], "parallel_sides": True}
+         "repeats": 1, "kv_cache_gib": 1 / 16, "threads": [1], "parallel_sides": True, "llama_cpp": "no"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             if key == "synthetic" and args.model:
                 continue
             setattr(args, key, value)
+    if args.isa == "avx2" and args.sides == DEFAULT_SIDES:
+        args.sides = [*DEFAULT_SIDES, "stock-fp32"]  # the AVX2 targets' prefill and batch-10 baseline
     if args.results_dir is None:
         args.results_dir = str(RESULTS_DIR / "smoke" if args.smoke else RESULTS_DIR)
     return args
@@ -100,6 +116,7 @@ def run(args) -> dict:
             sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar,
                               parallel=args.parallel_sides)
             runs[str(threads)] = {side: throughput.flat_metrics(r) for side, r in sides.items()}
+            runs[str(threads)].update(throughput.run_peers(args, model, spec, threads))
     info = machine(first_engine_info(accuracy_sides))
     return {
         "kind": "bitcpm-report",
@@ -110,7 +127,7 @@ def run(args) -> dict:
         "command": " ".join(["python", "benchmarks/report.py", *sys.argv[1:]]),
         "accuracy": accuracy.assemble(model, accuracy_settings, args, prompts, prompt_ids, ref_logits, accuracy_sides,
                                       tokenizer, info),
-        "throughput": throughput.assemble(model, settings, spec, runs, info),
+        "throughput": throughput.assemble(model, settings, spec, runs, info, args.isa),
     }
 
 
@@ -192,6 +209,82 @@ def targets_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _measured(runs: dict, side: str, key: str):
+    metrics = runs.get(side, {})
+    return None if "error" in metrics else metrics.get(key)
+
+
+def peer_table(report: dict) -> str:
+    """Each vLLM side next to llama.cpp TQ2_0 measured in the same run, per thread count ('' if none ran)."""
+    tp = report["throughput"]
+    peers = [p for p in ("llama.cpp-f16", "llama.cpp-q8_0")
+             if any(_measured(runs, p, "decode_b1_tok_per_s") for runs in tp["runs"].values())]
+    if not peers:
+        return ""
+    lines = ["| threads | metric | side | value | " + " | ".join(f"vs {SIDE_LABELS[p]}" for p in peers) + " |",
+             "|" + "---|" * (4 + len(peers))]
+    for threads in sorted(tp["runs"], key=int):
+        runs = tp["runs"][threads]
+        for key, label, fmt in PEER_METRICS:
+            for side in [s for s in runs if _measured(runs, s, key) is not None]:
+                value = _measured(runs, side, key)
+                ratios = [f"{value / base:.2f}x" if (base := _measured(runs, p, key)) else "-" for p in peers]
+                lines.append(f"| {threads} | {label} | {SIDE_LABELS.get(side, side)} | {fmt.format(value)} | "
+                             + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def avx2_targets_table(report: dict) -> str:
+    """The AVX2 issue's targets, judged on sides measured in this run; '-' where a baseline did not run."""
+    tp = report["throughput"]
+    lines = ["| threads | metric | side | value | target | needed | met |", "|" + "---|" * 7]
+    for threads in sorted(tp["runs"], key=int):
+        runs = tp["runs"][threads]
+        for key, label, side, baselines in AVX2_TARGETS:
+            value = _measured(runs, side, key)
+            bases = [(_measured(runs, b, key), b, m) for b, m in baselines]
+            target = " and ".join(f"≥ {m:g}x {SIDE_LABELS[b]} ({'-' if v is None else f'{v:.1f}'})"
+                                  for v, b, m in bases)
+            known = [v * m for v, _, m in bases if v is not None]
+            need = max(known) if len(known) == len(bases) else None
+            met = "-" if value is None or need is None else ("yes" if value >= need else "no")
+            lines.append(f"| {threads} | {label} | {SIDE_LABELS[side]} | {'-' if value is None else f'{value:.1f}'} | "
+                         f"{target} | {'-' if need is None else f'{need:.1f}'} | {met} |")
+    return "\n".join(lines)
+
+
+def _comparison_sections(report: dict) -> list[str]:
+    """Markdown parts: the AVX2 targets (AVX2-mode runs) or the CPU-kernel targets, and the llama.cpp peer."""
+    if report["throughput"].get("isa_mode") == "avx2":
+        parts = ["## AVX2 targets (sides and llama.cpp measured in this run)", "", avx2_targets_table(report), ""]
+    else:
+        parts = ["## CPU targets (decode-only rates; bitnet.cpp figures from the kernel issue)", "",
+                 targets_table(report), ""]
+    peers = peer_table(report)
+    if peers:
+        parts += ["## Against llama.cpp TQ2_0 (same checkpoint, CPUs and run)", "", peers, ""]
+    else:
+        why = {r["error"] for runs in report["throughput"]["runs"].values() for s, r in runs.items()
+               if s.startswith("llama.cpp") and "error" in r}
+        parts += [f"llama.cpp peer not measured: {'; '.join(sorted(why)) or 'disabled (--llama-cpp no)'}", ""]
+    return parts
+
+
+def _ran(report: dict, side: str) -> bool:
+    return any(side in runs and "error" not in runs[side] for runs in report["throughput"]["runs"].values())
+
+
+def _peer_lines(report: dict) -> list[str]:
+    """Which llama.cpp ran: its python binding, library folder and the CPU features it was built with."""
+    for runs in report["throughput"]["runs"].values():
+        peer = runs.get("llama.cpp-f16", {})
+        if "error" not in peer and peer:
+            return [f"- Peer: llama.cpp through llama-cpp-python {peer.get('llama_cpp_python')} "
+                    f"(`{peer.get('library')}`), the same checkpoint as GGUF (TQ2_0 linears, lossless; F16 or Q8_0 "
+                    f"head), pinned to the same CPU; built for: `{peer.get('isa_paths', {}).get('llama.cpp', '?')}`"]
+    return []
+
+
 def _setup_lines(report: dict) -> list[str]:
     tp, acc = report["throughput"], report["accuracy"]
     info, settings = tp["machine"], tp["settings"]
@@ -207,7 +300,11 @@ def _setup_lines(report: dict) -> list[str]:
         f"- Accuracy reference: {acc['reference']['kind']} {acc['reference']['dtype']} on CPU; "
         f"{len(acc['prompts'])} prompts of the published report; full-vocabulary log-probs from vLLM",
         "- Sides: stock vLLM (plugin disabled); vLLM + bitcpm (default: exact activations, bf16 head); "
-        "vLLM + bitcpm int8 (`VLLM_BITCPM_ACTIVATIONS=int8 VLLM_BITCPM_LM_HEAD=int8`)",
+        "vLLM + bitcpm int8 (`VLLM_BITCPM_ACTIVATIONS=int8 VLLM_BITCPM_LM_HEAD=int8`)"
+        + ("; stock vLLM float32 (plugin disabled, `dtype=float32`)" if _ran(report, "stock-fp32") else ""),
+        *_peer_lines(report),
+        *([f"- **AVX2 mode** (`--isa avx2`, vllm_bitcpm/testing/isa_mode.py): every side on its AVX2 paths on this "
+           f"AVX512 CPU; each side's `isa_paths` in report.json"] if tp.get("isa_mode") == "avx2" else []),
         f"- Run: `{report['command']}` at {tp['time']}, {tp['spec']['repeats']} repeat(s), medians",
         *(["- **Sides ran in parallel (--parallel-sides / --smoke): the timings are not comparable.**"]
           if report.get("parallel_sides") else []),
@@ -220,8 +317,7 @@ def report_markdown(report: dict) -> str:
     parts = [f"# BitCPM4 report: {Path(report['model']).name}, stock vLLM vs ternary", "", *_setup_lines(report), "",
              "## Accuracy: next token vs float reference", "", accuracy.markdown(acc), "",
              "## Throughput and memory", "", headline_table(report), "",
-             "## CPU targets (decode-only rates; bitnet.cpp figures from the kernel issue)", "",
-             targets_table(report), "",
+             *_comparison_sections(report),
              "### All measurements", "", throughput.markdown_tables(tp), "",
              "Plots: `report-accuracy.png`, `report-throughput.png`."]
     return "\n".join(parts) + "\n"
@@ -250,10 +346,14 @@ def readme_block(report: dict) -> str:
         accuracy.summary_table(acc), "",
         "**Throughput and memory:**", "",
         headline_table(report), "",
-        "**CPU targets** (decode-only tok/s = (time for N tokens − time for 1) / (N − 1); bitnet.cpp "
-        "I2_S llama-bench tg128 / pp256 on the same shape, as measured on the project's reference "
-        "machine; int8 = `bitcpm int8`):", "",
-        targets_table(report), "",
+        *(["**AVX2 targets** (AVX2 mode; every baseline measured in this run; decode-only tok/s = "
+            "(time for N tokens − time for 1) / (N − 1)):", "", avx2_targets_table(report), ""]
+          if tp.get("isa_mode") == "avx2" else
+          ["**CPU targets** (decode-only tok/s = (time for N tokens − time for 1) / (N − 1); bitnet.cpp "
+           "I2_S llama-bench tg128 / pp256 on the same shape, as measured on the project's reference "
+           "machine; int8 = `bitcpm int8`):", "", targets_table(report), ""]),
+        *(["**Against llama.cpp TQ2_0** (`benchmarks/llama_cpp_peer.py`: the same checkpoint as GGUF, the "
+           "same CPUs, in the same run):", "", peers, ""] if (peers := peer_table(report)) else []),
         "![accuracy](benchmarks/results/report-accuracy.png)",
         "![throughput](benchmarks/results/report-throughput.png)", "",
         "Reproduce: `" + report["command"] + "`",

@@ -49,12 +49,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decode-tokens", type=int, default=64, help="new tokens after the 252-token prompt")
     group.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the batch and single runs")
     group.add_argument("--repeats", type=int, default=3)
+    group.add_argument("--llama-cpp", choices=["auto", "yes", "no"], default="auto",
+                       help="also time llama.cpp TQ2_0 on the same checkpoint and CPUs (benchmarks/llama_cpp_peer.py; "
+                            "auto: when scripts/setup-llama-cpp.sh has installed it, else the report says why not)")
 
 
 def measure_spec(args, vocab: int) -> dict:
     return {"batch_max_tokens": args.batch_max_tokens, "single_max_tokens": args.single_max_tokens,
             "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens,
             "prefill_tokens": PREFILL_TOKENS, "batch": BATCH, "repeats": args.repeats, "vocab": vocab}
+
+
+def run_peers(args, model: str, spec: dict, threads: int) -> dict[str, dict]:
+    """The llama.cpp peer sides for one thread count (same CPUs as the engines), per --llama-cpp."""
+    if args.llama_cpp == "no":
+        return {}
+    import llama_cpp_peer
+    from engine_sides import threads_bind
+
+    peer_spec = {"prefill_tokens": spec["prefill_tokens"], "decode_tokens": spec["single_max_tokens"],
+                 "prompt_tokens": spec["prompt_tokens"], "repeats": spec["repeats"], "prompt_vocab": spec["vocab"]}
+    peers = llama_cpp_peer.run_peers(model, threads, threads_bind(threads), peer_spec, args.isa)
+    failed = {side: r["error"] for side, r in peers.items() if "error" in r}
+    if failed and args.llama_cpp == "yes":
+        raise SystemExit(f"--llama-cpp yes: {failed}")
+    return peers
 
 
 def model_vocab(model: str) -> int:
@@ -195,7 +214,7 @@ def markdown_tables(result: dict) -> str:
         lines += [f"**{threads} model thread(s)** (`VLLM_CPU_OMP_THREADS_BIND={runs[sides[0]].get('model_threads_bind', '?')}`)", ""]
         failed = [s for s in sides if "error" in runs[s]]
         for side in failed:
-            lines.append(f"- {side} failed: {runs[side]['error']}")
+            lines.append(f"- {SIDE_LABELS.get(side, side)}: not measured: {runs[side]['error']}")
         sides = [s for s in sides if s not in failed]
         header = ["metric"]
         for side in sides:
@@ -251,7 +270,7 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def assemble(model: str, settings: dict, spec: dict, runs: dict, info: dict) -> dict:
+def assemble(model: str, settings: dict, spec: dict, runs: dict, info: dict, isa: str = "native") -> dict:
     """The throughput JSON: inputs, machine, per-thread per-side metrics, ratios to stock."""
     ratios = {}
     for threads, sides in runs.items():
@@ -261,7 +280,7 @@ def assemble(model: str, settings: dict, spec: dict, runs: dict, info: dict) -> 
                    if isinstance(v, (int, float)) and isinstance(stock.get(k), (int, float)) and stock[k]}
             for side, metrics in sides.items() if side != "stock" and "error" not in metrics
         } if "error" not in stock else {}
-    return {"model": model, "settings": settings, "spec": spec, "machine": info,
+    return {"model": model, "settings": settings, "spec": spec, "machine": info, "isa_mode": isa,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "threads_bind": "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) with N OpenMP threads pinned "
                             "to the first N allowed CPUs (OMP_NUM_THREADS/OMP_PLACES/OMP_PROC_BIND; "
@@ -289,7 +308,8 @@ def main() -> None:
         for threads in args.threads:
             sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar)
             runs[str(threads)] = {side: flat_metrics(r) for side, r in sides.items()}
-    result = assemble(model, settings, spec, runs, machine(first_engine_info(sides)))
+            runs[str(threads)].update(run_peers(args, model, spec, threads))
+    result = assemble(model, settings, spec, runs, machine(first_engine_info(sides)), args.isa)
     print(f"\n### Throughput: {Path(model).name}, {args.dtype}, {'compiled' if args.compile else 'eager'}\n")
     print(markdown_tables(result))
     out = Path(args.out)

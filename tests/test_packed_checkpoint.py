@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_bitcpm import packed_checkpoint as pc
 from vllm_bitcpm import synthetic, ternary
 from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS, TERNARY_GRANULARITIES
@@ -148,3 +150,41 @@ def test_synthetic_demo_shape_checkpoint_roundtrips_through_the_console_script(t
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "verified bit for bit" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["bitcpm", "gptq"])
+def test_inspect_describes_converted_checkpoints(tmp_path, fmt):
+    """`inspect` on what `convert` wrote: its quantization_config and every layer, zeros counted from the codes."""
+    source = synthetic.write_checkpoint(tmp_path / "src", shape="tiny", granularity="per_group", group_size=64)
+    pc.convert(str(source), tmp_path / "out", format=fmt, progress=False)
+    from_source = {r.name: r for r in pc.inspect_checkpoint(source, progress=False)}
+    converted = pc.inspect_checkpoint(tmp_path / "out", progress=False)
+    assert {r.name for r in converted} == set(from_source)
+    for r in converted:
+        assert r.ternary and r.layout == "per_group(g=64)"
+        assert r.shape == from_source[r.name].shape
+        assert r.zero_fraction == pytest.approx(from_source[r.name].zero_fraction)
+        assert r.packed_bytes < r.dense_bytes / 2
+    result = subprocess.run([sys.executable, "-m", "vllm_bitcpm.cli", "inspect", str(tmp_path / "out"), "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert (first.startswith("packed bitcpm checkpoint: layout version 1") if fmt == "bitcpm"
+            else first.startswith("gptq checkpoint: 4 bits, group_size 64"))
+    assert "28/28 linear layers ternary" in result.stdout
+
+
+def test_converted_weights_get_the_usual_file_mode(tmp_path):
+    source = synthetic.write_checkpoint(tmp_path / "src", shape="tiny", granularity="per_row")
+    pc.convert(str(source), tmp_path / "out", progress=False)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert mode["model.safetensors"] == mode["config.json"], mode
+
+
+def test_demo_leaves_no_temporary_checkpoint_behind(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "vllm_bitcpm.demo", "--shape", "tiny", "--max-tokens", "4"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "linear layers packed ternary" in result.stdout and "demo: generation:" in result.stdout
+    assert not list(tmp_path.glob("bitcpm-demo-*")), list(tmp_path.iterdir())

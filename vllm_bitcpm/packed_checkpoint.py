@@ -28,13 +28,16 @@ from pathlib import Path
 
 import torch
 
-from vllm_bitcpm import ternary
+from vllm_bitcpm import int4_repack, ternary
 from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, validate_safetensors
 
 CODES_SUFFIX = ".weight_codes"
 SCALES_SUFFIX = ".weight_scales"
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+#: Output formats of convert: the plugin's 2-bit layout, or standard 4-bit GPTQ for runtimes without it.
+FORMATS = ("bitcpm", "gptq")
+GPTQ_SUFFIXES = (".qweight", ".scales", ".qzeros", ".g_idx")
 
 
 class ConversionError(ValueError):
@@ -131,7 +134,65 @@ def inspect_linear(name: str, weight: torch.Tensor) -> LinearReport:
                         layout.describe(), layout.group_size, zeros, dense_bytes, packed.nbytes())
 
 
+def quantization_config(directory: Path) -> dict | None:
+    """The checkpoint's ``quantization_config`` (None for a fake-quantized or dense one)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("quantization_config") or None
+
+
+def _zero_fraction(values: torch.Tensor, zero: int) -> float:
+    return float((values == zero).float().mean())
+
+
+def inspect_quantized(directory: Path, config: dict) -> list[LinearReport]:
+    """Per layer of a converted checkpoint (``bitcpm`` 2-bit or ``gptq`` 4-bit): shape, scales, zeros, bytes.
+
+    For ``bitcpm`` the input width is counted in whole 128-weight code blocks (every BitCPM
+    shape is a multiple of 128), and zeros among them (padding would count as zeros).
+    """
+    method = config.get("quant_method")
+    tensors = {name: tensor for name, tensor, _ in iter_tensors(directory)}
+    reports = []
+    if method == "bitcpm":
+        for name in sorted(n for n in tensors if n.endswith(CODES_SUFFIX)):
+            module = name[: -len(CODES_SUFFIX)]
+            codes, scales = tensors[name], tensors[module + SCALES_SUFFIX]
+            n, k = codes.shape[0], codes.shape[1] * ternary.WEIGHTS_PER_BYTE
+            layout = "per_row" if scales.shape[1] == 1 else f"per_group(g={config.get('group_size')})"
+            trits = ternary.unpack_codes(codes, k)
+            reports.append(LinearReport(module + ".weight", (n, k), f"bitcpm 2-bit codes + {scales.dtype}".replace(
+                "torch.", ""), True, layout, None, _zero_fraction(trits, 0), n * k * 2,
+                codes.numel() + scales.numel() * scales.element_size()))
+    elif method == "gptq":
+        from vllm_bitcpm import int4_repack
+
+        for name in sorted(n for n in tensors if n.endswith(".qweight")):
+            module = name[: -len(".qweight")]
+            qweight, scales = tensors[name], tensors[module + ".scales"]
+            k, n = qweight.shape[0] * int4_repack.PACK_FACTOR, qweight.shape[1]
+            layout = "per_row" if scales.shape[0] == 1 else f"per_group(g={config.get('group_size')})"
+            nibbles = int4_repack.unpack_int32_along_rows(qweight)
+            extra = sum(tensors[module + s].numel() * tensors[module + s].element_size()
+                        for s in (".qzeros", ".g_idx") if module + s in tensors)
+            reports.append(LinearReport(module + ".weight", (n, k), f"gptq {config.get('bits')}-bit + "
+                                        f"{str(scales.dtype).removeprefix('torch.')}", bool(
+                                            ((nibbles - int4_repack.BIAS).abs() <= 1).all()), layout, None,
+                                        _zero_fraction(nibbles, int4_repack.BIAS), n * k * 2,
+                                        qweight.numel() * 4 + scales.numel() * scales.element_size() + extra))
+    else:
+        raise ConversionError(f"{directory}: quantization_config.quant_method {method!r}; inspect reads fake-quantized "
+                              "checkpoints and the bitcpm / gptq checkpoints `vllm-bitcpm convert` writes")
+    if not reports:
+        raise ConversionError(f"{directory}: quant_method {method!r} but no quantized linear tensors found")
+    return reports
+
+
 def inspect_checkpoint(directory: Path, progress: bool = True) -> list[LinearReport]:
+    config = quantization_config(directory)
+    if config:
+        return inspect_quantized(directory, config)
     reports = []
     tensors = iter_tensors(directory)
     if progress:
@@ -167,6 +228,52 @@ def _regroup(scales: torch.Tensor, group_size: int, k: int, target: int) -> torc
     return per_column[:, ::target].contiguous()
 
 
+def _usual_file_mode(path: Path) -> None:
+    """safetensors writes through a private temporary file (mode 0600): give the weights the mode
+    every other file of the checkpoint gets (0666 less the umask), so other users can serve it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _gptq_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tensor, group_size: int,
+                  name: str) -> dict[str, torch.Tensor]:
+    """One ternary weight as GPTQ tensors (qweight, fp16 scales, qzeros, g_idx), losslessly."""
+    k = matrix.in_features
+    half = scales.to(torch.float16)
+    if not torch.equal(half.to(scales.dtype), scales):
+        raise ConversionError(f"{name}: its ternary scales are not exact in fp16, which GPTQ stores; "
+                              "use the bitcpm format for this checkpoint")
+    regrouped = ternary.TernaryMatrix(codes=matrix.codes, scales=half, group_size=k if group_size < 0 else group_size,
+                                      in_features=k)
+    try:
+        gptq = int4_repack.from_ternary(regrouped, name=name)
+    except int4_repack.Int4RepackError as err:
+        raise ConversionError(str(err)) from None
+    g = k if group_size < 0 else group_size
+    return {module + ".qweight": gptq.qweight, module + ".scales": gptq.scales, module + ".qzeros": gptq.qzeros(),
+            module + ".g_idx": torch.arange(k, dtype=torch.int32) // g}
+
+
+def _gptq_config(group_size: int, granularity: dict[str, int]) -> dict:
+    """A standard GPTQ quantization_config (what AutoGPTQ/GPTQModel write), plus where it came from."""
+    return {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "sym": True,
+        "desc_act": False,
+        "static_groups": False,
+        "true_sequential": True,
+        "damp_percent": 0.0,
+        "checkpoint_format": "gptq",
+        "lm_head": False,
+        "meta": {"quantizer": ["vllm-bitcpm convert --format gptq"],
+                 "note": "lossless repack of ternary weights: value = (q - 8) * scale",
+                 "ternary_granularity": granularity},
+    }
+
+
 def convert(
     src: str,
     dst: str | os.PathLike,
@@ -174,16 +281,27 @@ def convert(
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    format: str = "bitcpm",
 ) -> dict:
     """Write a packed copy of ``src`` to ``dst``; returns a summary (sizes, layouts, dense modules).
 
     A linear weight that is not ternary stops the conversion with its name and file, unless a
     ``keep_dense`` glob (module or weight name, e.g. ``"*.mlp.down_proj"``) matches it. The
     result is verified by unpacking every packed tensor and comparing it with the source.
+
+    ``format="gptq"`` writes a standard 4-bit GPTQ checkpoint instead (symmetric, ``desc_act``
+    false, trits stored as ``t + 8`` with the ternary scales in fp16: lossless, see
+    :mod:`vllm_bitcpm.int4_repack`), which stock vLLM, SGLang or transformers' GPTQ backends
+    serve without this plugin.
     """
     from safetensors.torch import load_file, save_file
 
+    if format not in FORMATS:
+        raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     keep_dense = list(keep_dense or [])
+    if format == "gptq" and keep_dense:
+        raise ConversionError("--keep-dense is not supported with --format gptq (GPTQ configs have no portable way "
+                              "to list dense layers); convert a fully ternary checkpoint")
     source = resolve_source(src)
     out = Path(dst)
     if out.exists() and any(out.iterdir()):
@@ -194,8 +312,9 @@ def convert(
     if not config_path.is_file():
         raise ConversionError(f"{source}: no config.json")
     config = json.loads(config_path.read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "bitcpm":
-        raise ConversionError(f"{source}: already a packed bitcpm checkpoint")
+    if (config.get("quantization_config") or {}).get("quant_method"):
+        raise ConversionError(f"{source}: already quantized (quantization_config.quant_method "
+                              f"{config['quantization_config']['quant_method']!r}); convert the fake-quantized checkpoint")
     tokenizer_files = [p for p in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (source / p).exists()]
     if not tokenizer_files:
         raise ConversionError(f"{source}: no tokenizer (tokenizer.json / tokenizer.model / tokenizer_config.json)")
@@ -240,8 +359,11 @@ def convert(
         if group_size > 0:
             scales = _regroup(scales, matrix.group_size, matrix.in_features, group_size)
         module = _module_of(name)
-        tensors_out[module + CODES_SUFFIX] = matrix.codes
-        tensors_out[module + SCALES_SUFFIX] = scales.contiguous()
+        if format == "gptq":
+            tensors_out.update(_gptq_tensors(module, matrix, scales, group_size, name))
+        else:
+            tensors_out[module + CODES_SUFFIX] = matrix.codes
+            tensors_out[module + SCALES_SUFFIX] = scales.contiguous()
 
     # Write shards and the index.
     out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +380,7 @@ def convert(
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / file), metadata={"format": "pt"})
+        _usual_file_mode(out / file)
         weight_map.update({name: file for name in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors_out.values())
@@ -269,7 +392,7 @@ def convert(
     for item in source.iterdir():
         if item.is_file() and item.name != "config.json" and not any(fnmatch.fnmatch(item.name, p) for p in WEIGHT_FILES):
             shutil.copy2(item, out / item.name)
-    config["quantization_config"] = {
+    config["quantization_config"] = _gptq_config(group_size, granularity) if format == "gptq" else {
         "quant_method": "bitcpm",
         "bits": 2,
         "layout_version": ternary.PACK_LAYOUT_VERSION,
@@ -288,7 +411,12 @@ def convert(
         if name in packed:
             k = tensor.shape[1]
             g = k if group_size < 0 else group_size
-            restored = ternary.dequantize(written[module + CODES_SUFFIX], written[module + SCALES_SUFFIX], g, k, tensor.dtype)
+            if format == "gptq":  # nibbles - 8, times the fp16 scales
+                restored = int4_repack.GPTQWeights(written[module + ".qweight"], written[module + ".scales"], group_size,
+                                                   k).dequantize(tensor.dtype)
+            else:
+                restored = ternary.dequantize(written[module + CODES_SUFFIX], written[module + SCALES_SUFFIX], g, k,
+                                              tensor.dtype)
             if not torch.equal(restored, tensor):
                 raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
         elif not torch.equal(written[name], tensor):
@@ -296,6 +424,7 @@ def convert(
 
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
     return {
+        "format": format,
         "source": str(source),
         "destination": str(out),
         "source_weight_bytes": source_bytes,

@@ -30,7 +30,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_bitcpm import compat, lm_head, ops, ternary
+from vllm_bitcpm import backends, compat, int4_repack, lm_head, ops, ternary
+from vllm_bitcpm.ops import reference as reference_op
 
 logger = init_logger("vllm.bitcpm")
 
@@ -67,6 +68,10 @@ class PackingReport:
     packed_bytes: int = 0
     dense_layer_names: list[str] = dataclasses.field(default_factory=list)
     granularities: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ternary layers per kernel that runs them ("native cpu avx512bf16", "int4 CPUWNA16LinearKernel",
+    #: "dense stock dense"), and why that kernel (backends.choose)
+    kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    kernel_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def packed_bits_per_weight(self) -> float:
         return 8.0 * self.packed_bytes / self.packed_weights if self.packed_weights else 0.0
@@ -83,6 +88,9 @@ class PackingReport:
             shown = ", ".join(self.dense_layer_names[:3])
             more = len(self.dense_layer_names) - 3
             line += f"; kept dense: {shown}{f' and {more} more' if more > 0 else ''}"
+        if self.kernels:
+            line += "; run by " + ", ".join(f"{kernel} ({n} layers: {self.kernel_reasons[kernel]})"
+                                            for kernel, n in sorted(self.kernels.items()))
         return line
 
 
@@ -224,6 +232,9 @@ class TernaryLinearMethod(LinearMethodBase):
         # ReplicatedLinear (MiniCPM3's q_a_proj / kv_a_proj_with_mqa) has no
         # input_size_per_partition attribute: keep our own.
         layer.bitcpm_in_features = input_size_per_partition
+        layer.bitcpm_full_shape = (input_size, output_size)
+        layer.bitcpm_params_dtype = params_dtype
+        layer.bitcpm_backend = "dense"  # until process_weights_after_loading places a ternary layer
         layer.bitcpm_packed = False
         layer.bitcpm_loaded_packed = False
         layer.bitcpm_kept_dense = False
@@ -305,28 +316,22 @@ class TernaryLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         report = self.quant_config.report
         if layer.bitcpm_loaded_packed:
-            layer.bitcpm_packed = True
             # Scales arrive in the model dtype; keep them in 16 bits when that is exact.
             layer.weight_scales.data = ternary.narrowest_exact(layer.weight_scales.data, layer.weight_scales.dtype)
-            nbytes = sum(t.numel() * t.element_size() for t in (layer.weight_codes, layer.weight_scales))
             rows, k = layer.weight_codes.shape[0], layer.bitcpm_in_features
-            report.packed_layers += 1
-            report.packed_weights += rows * k
-            report.packed_bytes += nbytes
-            report.bytes_after += nbytes
-            report.dense_bytes_before += rows * k * torch.empty((), dtype=layer.params_dtype).element_size()
+            packed = ternary.TernaryMatrix(codes=layer.weight_codes.data, scales=layer.weight_scales.data,
+                                           group_size=layer.bitcpm_group_size, in_features=k)
             report.granularities["from checkpoint"] = report.granularities.get("from checkpoint", 0) + 1
-            self._prepare_for_npu(layer, k)
+            report.dense_bytes_before += rows * k * torch.empty((), dtype=layer.params_dtype).element_size()
+            self._place(layer, packed)
             self._count_processed(report)
             return
         weight = layer.weight.data
         dense_bytes = weight.numel() * weight.element_size()
         names = self.quant_config.logical_names(self.prefix, len(layer.bitcpm_partition_sizes))
+        report.dense_bytes_before += dense_bytes
         if layer.bitcpm_kept_dense:  # stored dense on purpose by `vllm-bitcpm convert --keep-dense`
-            self.dense.process_weights_after_loading(layer)
-            report.dense_layer_names.append(self.prefix)
-            report.bytes_after += dense_bytes
-            report.dense_bytes_before += dense_bytes
+            self._keep_dense(layer, dense_bytes)
             self._count_processed(report)
             return
         try:
@@ -340,22 +345,63 @@ class TernaryLinearMethod(LinearMethodBase):
                     f"(checkpoint tensors {', '.join(names)}) is not ternary: {err}. "
                     "Load without --quantization bitcpm to keep non-ternary layers dense."
                 ) from None
-            self.dense.process_weights_after_loading(layer)
-            report.dense_layer_names.append(self.prefix)
-            report.bytes_after += dense_bytes
-            packed = None
+            self._keep_dense(layer, dense_bytes)
         else:
-            self._install_packed(layer, packed)
-            self._prepare_for_npu(layer, packed.in_features)
-            report.packed_layers += 1
-            report.packed_weights += weight.numel()
-            report.packed_bytes += packed.nbytes()
-            report.bytes_after += packed.nbytes()
             for layout in layouts:
                 kind = layout.describe()
                 report.granularities[kind] = report.granularities.get(kind, 0) + 1
-        report.dense_bytes_before += dense_bytes
+            self._place(layer, packed)
         self._count_processed(report)
+
+    def _keep_dense(self, layer: torch.nn.Module, dense_bytes: int) -> None:
+        """A layer that is not ternary (or stored dense): exactly as stock vLLM runs it."""
+        self.dense.process_weights_after_loading(layer)
+        self.quant_config.report.dense_layer_names.append(self.prefix)
+        self.quant_config.report.bytes_after += dense_bytes
+
+    def _place(self, layer: torch.nn.Module, packed: ternary.TernaryMatrix) -> None:
+        """Hand a ternary layer to the kernel backends.choose picks for it (see vllm_bitcpm.backends)."""
+        report = self.quant_config.report
+        in_full, out_full = layer.bitcpm_full_shape
+        shape = backends.LayerShape(
+            in_features=packed.in_features, out_features=packed.out_features, full_in_features=in_full,
+            full_out_features=out_full, act_dtype=layer.bitcpm_params_dtype,
+            group_size=int4_repack.gptq_group_size(packed.group_size, packed.in_features))
+        try:
+            choice = backends.choose(shape)
+        except backends.BackendUnavailableError as err:
+            raise backends.BackendUnavailableError(f"bitcpm: layer '{self.prefix}': {err}") from None
+        key = f"{choice.backend} {choice.kernel}" if choice.backend != "dense" else "dense (as stock vLLM)"
+        report.kernels[key] = report.kernels.get(key, 0) + 1
+        report.kernel_reasons[key] = choice.reason
+        if self.quant_config.activations == "int8" and choice.backend in ("int4", "dense"):
+            report.kernel_reasons[key] += f"; {ACTIVATIONS_ENV}=int8 is a native-kernel option, not applied here"
+        layer.bitcpm_backend = choice.backend
+        if choice.backend == "dense":
+            self._install_dense(layer, packed)
+            report.bytes_after += packed.out_features * packed.in_features * layer.bitcpm_params_dtype.itemsize
+            return
+        if choice.backend == "int4":
+            nbytes = backends.install_int4(layer, packed, shape, choice.kernel_class, self.prefix)
+        else:
+            self._install_packed(layer, packed)
+            self._prepare_for_npu(layer, packed.in_features)
+            nbytes = packed.nbytes()
+        report.packed_layers += 1
+        report.packed_weights += packed.out_features * packed.in_features
+        report.packed_bytes += nbytes
+        report.bytes_after += nbytes
+
+    def _install_dense(self, layer: torch.nn.Module, packed: ternary.TernaryMatrix) -> None:
+        """Backend dense: the dense weight stock vLLM would hold (unpacked once for packed checkpoints)."""
+        for name in ("weight_codes", "weight_scales"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        if not hasattr(layer, "weight"):
+            weight = packed.dequantize(layer.bitcpm_params_dtype)
+            layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+            set_weight_attrs(layer.weight, {"input_dim": 1, "output_dim": 0})
+        self.dense.process_weights_after_loading(layer)
 
     def _prepare_for_npu(self, layer: torch.nn.Module, in_features: int) -> None:
         """On vLLM-Ascend, convert the packed tensors once to the NPU kernel's form (ops/npu.py)."""
@@ -373,33 +419,29 @@ class TernaryLinearMethod(LinearMethodBase):
     @staticmethod
     def _install_packed(layer: torch.nn.Module, packed: ternary.TernaryMatrix) -> None:
         """Swap the dense weight for the packed tensors; the bf16 copy is freed here."""
-        del layer.weight
-        layer.register_parameter(
-            "weight_codes", torch.nn.Parameter(packed.codes, requires_grad=False)
-        )
-        layer.register_parameter(
-            "weight_scales", torch.nn.Parameter(packed.scales, requires_grad=False)
-        )
+        if hasattr(layer, "weight"):
+            del layer.weight
+        if not hasattr(layer, "weight_codes"):
+            layer.register_parameter("weight_codes", torch.nn.Parameter(packed.codes, requires_grad=False))
+            layer.register_parameter("weight_scales", torch.nn.Parameter(packed.scales, requires_grad=False))
         layer.bitcpm_group_size = packed.group_size
         layer.bitcpm_packed = True
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if not layer.bitcpm_packed:
+        backend = layer.bitcpm_backend
+        if backend == "dense":
             return self.dense.apply(layer, x, bias)
+        if backend == "int4":
+            return layer.bitcpm_int4_kernel.apply_weights(layer, x, bias)
+        int8 = self.quant_config.activations == "int8"
+        if backend == "reference":
+            return reference_op.ternary_linear_reference(x, layer.weight_codes, layer.weight_scales,
+                                                          layer.bitcpm_group_size, bias, int8)
         npu_weights = getattr(layer, "bitcpm_npu", None)  # set only on NPU, torch_npu kernel
         if npu_weights is not None:
             from vllm_bitcpm.ops import npu
 
-            return npu.weight_quant_linear(
-                npu_weights, x, bias, self.quant_config.activations == "int8"
-            )
-        return ops.ternary_linear(
-            x,
-            layer.weight_codes,
-            layer.weight_scales,
-            layer.bitcpm_group_size,
-            bias,
-            self.quant_config.activations == "int8",
-        )
+            return npu.weight_quant_linear(npu_weights, x, bias, int8)
+        return ops.ternary_linear(x, layer.weight_codes, layer.weight_scales, layer.bitcpm_group_size, bias, int8)

@@ -117,13 +117,12 @@ def inspect_linear_layers(model) -> dict[str, Any]:
         # ReplicatedLinear (e.g. MiniCPM3's q_a_proj) has no *_per_partition sizes.
         in_features = getattr(module, "input_size_per_partition", module.input_size)
         out_features = getattr(module, "output_size_per_partition", module.output_size)
-        if getattr(module, "bitcpm_packed", False):
+        low_bit = {"native": ("weight_codes", "weight_scales"), "reference": ("weight_codes", "weight_scales"),
+                   "int4": ("qweight", "scales")}.get(getattr(module, "bitcpm_backend", None))
+        if low_bit:
             packed += 1
-            nbytes = sum(
-                t.numel() * t.element_size() for t in (module.weight_codes, module.weight_scales)
-            )
-            packed_bytes += nbytes
-            packed_weights += module.weight_codes.shape[0] * in_features
+            packed_bytes += sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in low_bit)
+            packed_weights += out_features * in_features
         else:
             # vLLM's CPU GEMM dispatch moves dense weights into oneDNN handles, so count their
             # logical size rather than the (emptied) parameter.

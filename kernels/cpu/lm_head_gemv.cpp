@@ -57,6 +57,7 @@ struct Gemv {
   const uint16_t* w;  // [N, K]
   float* y;           // [M, N]
   int64_t M, K, N;
+  const float* xf;    // [M, K]: x widened to fp32 (exact), for the AVX2 path
 };
 
 void gemv_scalar(const Gemv& g, int64_t n0, int64_t n1) {
@@ -75,23 +76,46 @@ __attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p) 
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-// AVX2: one row at a time, 8 weights per FMA per token; the K tail is scalar.
-__attribute__((target("avx2,fma"))) void gemv_avx2(const Gemv& g, int64_t n0, int64_t n1) {
+// AVX2: 8 weights per FMA. Each block of 8 bf16 weights is widened to fp32 once (a 16-bit
+// shift, exact) and multiplied into every token of the block with one FMA each, against the
+// activations widened once per call (g.xf): MB + 1 instructions per 8 weights for MB tokens
+// instead of 3 MB (widening both operands per token made M > 1 compute bound). A accumulator
+// chains per token hide the FMA latency; the K tail is scalar.
+template <int MB, int A>
+__attribute__((target("avx2,fma"))) void gemv_avx2_t(const Gemv& g, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t k8 = g.K / 8 * 8;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = g.w + n * g.K;
-    for (int64_t m = 0; m < g.M; ++m) {
-      const uint16_t* xr = g.x + m * g.K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= k8; k += 16) {
-        a0 = _mm256_fmadd_ps(widen_bf16(wr + k), widen_bf16(xr + k), a0);
-        a1 = _mm256_fmadd_ps(widen_bf16(wr + k + 8), widen_bf16(xr + k + 8), a1);
+    __m256 acc[MB][A];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * A <= k8; k += 8 * A) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) {
+        const __m256 wv = widen_bf16(wr + k + 8 * a);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m)
+          acc[m][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(g.xf + (m0 + m) * g.K + k + 8 * a), acc[m][a]);
       }
-      if (k < k8) a0 = _mm256_fmadd_ps(widen_bf16(wr + k), widen_bf16(xr + k), a0);
-      float acc = hsum256(_mm256_add_ps(a0, a1));
-      for (k = k8; k < g.K; ++k) acc += bf16_to_float(xr[k]) * bf16_to_float(wr[k]);
-      g.y[m * g.N + n] = acc;
+    }
+    for (; k < k8; k += 8) {
+      const __m256 wv = widen_bf16(wr + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(g.xf + (m0 + m) * g.K + k), acc[m][0]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      __m256 t = acc[m][0];
+#pragma GCC unroll 4
+      for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
+      float total = hsum256(t);
+      const float* xr = g.xf + (m0 + m) * g.K;
+      for (int64_t kk = k8; kk < g.K; ++kk) total += xr[kk] * bf16_to_float(wr[kk]);
+      g.y[(m0 + m) * g.N + n] = total;
     }
   }
 }
@@ -164,6 +188,14 @@ void for_token_blocks(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, Rows
 void gemv_bf16(const Gemv& g, int64_t n0, int64_t n1) {
   for_token_blocks(g.M, 2 * g.K, n0, n1, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
     gemv_bf16_rows<decltype(mb)::value>(g, m0, t0, t1);
+  });
+}
+
+void gemv_avx2(const Gemv& g, int64_t n0, int64_t n1) {
+  for_token_blocks(g.M, 2 * g.K, n0, n1, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
+    constexpr int MB = decltype(mb)::value;
+    constexpr int A = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);  // accumulators MB * A <= 8 of AVX2's 16 ymm
+    gemv_avx2_t<MB, A>(g, m0, t0, t1);
   });
 }
 
@@ -367,9 +399,10 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
   TORCH_CHECK(path != nullptr, "bitcpm bf16_gemv: ISA path '", isa_name, "' is not available on this CPU");
   const RowsFn rows = path->fn;
   const at::Tensor xc = x.contiguous();
+  const at::Tensor xf = xc.to(at::kFloat);  // exact; read by the AVX2 path (<= 16 x K floats)
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
   const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
-               y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0)};
+               y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0), xf.data_ptr<float>()};
   if (g.M > 0 && g.N > 0) {
     at::parallel_for(0, g.N, kRowGrain, [&](int64_t n0, int64_t n1) { rows(g, n0, n1); });
   }

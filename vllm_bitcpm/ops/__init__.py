@@ -1,13 +1,15 @@
 """The plugin's one op, ``torch.ops.bitcpm.ternary_linear``: y = x @ dequant(codes, scales).T + bias.
 
-Every ternary linear layer calls this op and nothing else, so each platform plugs in by
+Every ternary linear layer on the native backend calls this op and nothing else, so each platform plugs in by
 registering a kernel for its dispatch key; the layer code never changes.
 
 Kernels, by dispatch key:
 
 * ``CompositeExplicitAutograd`` (every device): :mod:`vllm_bitcpm.ops.reference`, plain
-  vectorized PyTorch. It is the oracle's twin and the fallback: a device with no kernel of its
-  own runs it and says so once in the log.
+  vectorized PyTorch, the oracle's twin. Serving never lands here by accident: a layer on a
+  device without a native kernel is given vLLM's int4 kernel or kept dense
+  (:mod:`vllm_bitcpm.backends`); this runs only when asked for (``VLLM_BITCPM_BACKEND=reference``)
+  or called directly, and says so once in the log.
 * ``CPU``: the C++ kernel built from ``kernels/cpu/`` registers here with
   ``TORCH_LIBRARY_IMPL(bitcpm, CPU, m)`` when it is built (a backend kernel takes precedence
   over the composite one). :mod:`vllm_bitcpm.ops.cpu` loads it (imported at the end of this

@@ -1,0 +1,79 @@
+"""Start ``vllm serve`` on 127.0.0.1 as a user's shell would, and stop it (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    process: subprocess.Popen
+    log: Path
+    model_name: str
+
+
+class ServerFailed(RuntimeError):
+    """``vllm serve`` exited or did not become healthy; the message ends with its log tail."""
+
+
+@contextlib.contextmanager
+def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | None = None,
+               args: list[str] | None = None, env: dict[str, str] | None = None,
+               timeout: float = STARTUP_TIMEOUT_S) -> Iterator[Server]:
+    """``vllm serve MODEL --host 127.0.0.1 --port <free>`` through the venv's console script, with the
+    plugin on (entry point, as installed) or off (``VLLM_PLUGINS=""``); waits for /health, and on exit
+    sends SIGINT (Ctrl-C), then kills after 60 s."""
+    import requests
+
+    port = free_port()
+    served_name = served_name or Path(model).name
+    command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", served_name, *(args or [])]
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    if not plugin:
+        full_env["VLLM_PLUGINS"] = ""
+    full_env.update(env or {})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise ServerFailed(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-6000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"vllm serve not healthy after {timeout:.0f}s:\n{log.read_text()[-6000:]}")
+            time.sleep(1)
+        yield Server(base, process, log, served_name)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
