@@ -179,7 +179,10 @@ def main(argv=None) -> None:
     sides = {}
     for side in tqdm(args.sides, unit="server", desc="sides"):
         sides[side] = run_side(side, model, args, raw_dir)
-    result = {"kind": "bitcpm-serve-bench", "model": model, "machine": machine(), "dtype": args.dtype,
+    from engine_sides import engine_platform
+
+    result = {"kind": "bitcpm-serve-bench", "model": model, "machine": machine(engine_platform()),
+              "dtype": args.dtype,
               "eager": args.eager, "input_len": args.input_len, "output_len": args.output_len,
               "concurrency": args.concurrency, "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "command": " ".join(["python", "benchmarks/serve_bench.py", *(argv or sys.argv[1:])]), "sides": sides}

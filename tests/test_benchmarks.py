@@ -227,3 +227,24 @@ def test_llama_cpp_peer_measures_where_installed(tmp_path):
         assert "error" not in peers[name], peers[name]
         assert peers[name]["decode_b1_tok_per_s"] > 0 and peers[name]["prefill_tok_per_s"] > 0
         assert "AVX2 = 1" in peers[name]["isa_paths"]["llama.cpp"]
+
+
+def test_serve_bench_smoke(tmp_path):
+    """benchmarks/serve_bench.py: `vllm serve` per side and `vllm bench serve` per concurrency, JSON from
+    vLLM's own result files (tiny model, eager)."""
+    out = tmp_path / "serve_bench.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "serve_bench.py"), "--smoke", "--out", str(out),
+                           "--checkpoints", str(tmp_path / "checkpoints")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for side in ("stock", "plugin"):
+        assert "error" not in result["sides"][side], result["sides"][side].get("error")
+        for c in ("1", "4"):
+            m = result["sides"][side]["by_concurrency"][c]
+            assert "error" not in m, m.get("error")
+            assert m["completed"] == 8 and m["failed"] == 0 and m["max_concurrency"] == int(c)
+            assert m["output_throughput"] > 0 and 0 < m["p50_ttft_ms"] <= m["p99_ttft_ms"]
+            assert m["p50_tpot_ms"] > 0 and m["p99_itl_ms"] > 0
+    assert "bitcpm: packed" in result["sides"]["plugin"]["plugin_log"]
+    assert result["sides"]["stock"]["plugin_log"] is None
+    assert (tmp_path / "serve_bench" / "plugin-c4.json").exists() and out.with_suffix(".png").exists()

@@ -3,61 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from vllm_bitcpm import synthetic
-
-STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vllm_bitcpm.testing.serve import ServerFailed, vllm_serve
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The console script as a user's shell runs it (plugin from its entry point), on 127.0.0.1."""
     model = synthetic.write_checkpoint(tmp_path_factory.mktemp("serve") / "bitcpm-tiny", shape="tiny")
-    port = _free_port()
-    vllm_cli = Path(sys.executable).with_name("vllm")  # the venv's console script
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}  # as a user's shell
-    command = [
-        str(vllm_cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--kv-cache-memory-bytes", str(128 * 2**20),
-        "--gpu-memory-utilization", "0.05", "--max-model-len", "1024",
-        "--served-model-name", "bitcpm-tiny",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-6000:]}")
-        time.sleep(1)
-    yield {"base": base, "proc": proc, "log": log_path}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    args = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 * 2**20), "--gpu-memory-utilization", "0.05",
+            "--max-model-len", "1024"]
+    try:
+        with vllm_serve(str(model), log_path, plugin=True, served_name="bitcpm-tiny", args=args) as running:
+            yield {"base": running.base_url, "proc": running.process, "log": running.log}
+    except ServerFailed as error:
+        pytest.fail(str(error))
 
 
 def test_completions(server):
