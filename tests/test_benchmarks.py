@@ -248,3 +248,19 @@ def test_serve_bench_smoke(tmp_path):
     assert "bitcpm: packed" in result["sides"]["plugin"]["plugin_log"]
     assert result["sides"]["stock"]["plugin_log"] is None
     assert (tmp_path / "serve_bench" / "plugin-c4.json").exists() and out.with_suffix(".png").exists()
+
+
+def test_soak_short(tmp_path):
+    """benchmarks/soak.py, short: 60 requests at concurrency 8 on the tiny model, a fifth malformed
+    (every kind at least once): every good one served in full, every bad one 4xx, server alive."""
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--requests", "60", "--concurrency", "8",
+                           "--bad-fraction", "0.2", "--synthetic", "tiny", "--checkpoints", str(tmp_path / "ck"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    summary = json.loads(out.read_text())["summary"]
+    assert proc.returncode == 0, (summary.get("failures"), proc.stderr[-3000:])
+    soak = _benchmark_module("soak")
+    assert all(summary["bad_status_by_kind"][kind] for kind in soak.BAD_KINDS)
+    assert summary["good_ok"] == summary["good"] > 0 and summary["bad_answered_4xx"] == summary["bad"] > 0
+    assert summary["streamed_good"] > 0 and summary["chat_good"] > 0 and not summary["lost"]
+    assert summary["server_alive_at_end"] and summary["plugin_packed_the_model"]
