@@ -212,10 +212,18 @@ def _md(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|").replace("\n", "\\n") + "`"
 
 
+def side_dtype(side: str, settings: dict) -> str:
+    """The engine dtype a side ran: the *-fp32 sides override the run's (engine_sides.SIDES)."""
+    from engine_sides import SIDES
+
+    overrides = next((o for name, _, _, o in SIDES if name == side), {})
+    return overrides.get("dtype", settings["dtype"])
+
+
 def per_prompt_table(result: dict, side: str) -> str:
     rows = result["candidates"][side]["per_prompt"]
     lines = [f"**{SIDE_LABELS[side]}** vs {result['reference']['kind']} {result['reference']['dtype']} reference "
-             f"(engine {result['settings']['dtype']})", "",
+             f"(engine {side_dtype(side, result['settings'])})", "",
              "| # | prompt | reference top-1 (p) | candidate top-1 (p) | rel. error | top-10 overlap | KL (nats) |",
              "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):

@@ -101,8 +101,12 @@ def run_side(side: str, model: str, args, raw_dir: Path) -> dict:
             ready = time.perf_counter() - started
             for concurrency in args.concurrency:
                 name = f"{side}-c{concurrency}.json"
-                proc = subprocess.run(bench_command(server, model, args, concurrency, raw_dir, name),
-                                      capture_output=True, text=True, timeout=3600)
+                try:
+                    proc = subprocess.run(bench_command(server, model, args, concurrency, raw_dir, name),
+                                          capture_output=True, text=True, timeout=3600)
+                except subprocess.TimeoutExpired:
+                    results[str(concurrency)] = {"error": "vllm bench serve did not finish within 3600 s"}
+                    continue
                 if proc.returncode != 0:
                     results[str(concurrency)] = {"error": (proc.stderr or proc.stdout)[-2000:]}
                     continue

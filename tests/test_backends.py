@@ -135,17 +135,15 @@ def test_bad_backend_value_names_the_variable(monkeypatch):
 @pytest.fixture(scope="module")
 def single_rank():
     """vLLM's parameters read the tensor-parallel rank: a real one-process group (gloo), as an engine has."""
-    import socket
-
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import (
         destroy_distributed_environment, destroy_model_parallel, init_distributed_environment,
         initialize_model_parallel,
     )
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from vllm_bitcpm.testing.serve import free_port
+
+    port = free_port()
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
                                      local_rank=0, backend="gloo")
@@ -158,7 +156,8 @@ def single_rank():
 @needs_cpu_wna16
 @pytest.mark.parametrize("group_size", [None, 64])
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-def test_int4_layer_matches_float64(single_rank, group_size, tokens):
+def test_int4_layer_matches_float64(single_rank, monkeypatch, group_size, tokens):
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "0")  # AMX CPUs would otherwise quantize activations to int8
     weight, packed = _random_ternary(96, 256, group_size, seed=tokens)
     shape = backends.LayerShape(256, 96, 256, 96, torch.bfloat16, int4_repack.gptq_group_size(packed.group_size, 256))
     kernel, _ = backends.int4_kernel(shape)
@@ -246,9 +245,41 @@ def test_platform_without_any_kernel_runs_dense_like_stock(checkpoint_dir, promp
     proc = subprocess.run([sys.executable, str(script), str(checkpoint_dir / "per_row"), json.dumps(prompt_ids)],
                           env=child_env(plugin=True), capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stderr[-3000:]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
+    assert len(result["tokens"]) == len(prompt_ids) and all(len(t) == 4 for t in result["tokens"])
     assert result["packed"] == 0 and list(result["kernels"]) == ["dense (as stock vLLM)"]
     assert "kernels hidden by the test" in proc.stderr + proc.stdout
     for ours, stock in zip(result["tokens"], _outputs(stock_runs["bf16"])):
         assert ours == stock["token_ids"][: len(ours)]
+
+
+def test_auto_falls_back_to_dense_when_the_repack_cannot_hold_a_layer(single_rank, monkeypatch):
+    """vLLM's kernel check passes a layer whose 36 input columns GPTQ cannot pack (whole words of 8):
+    auto keeps it dense, as stock runs it; a user who named int4 gets an error naming the layer."""
+    from vllm_bitcpm import quantization
+
+    weight, packed = _random_ternary(32, 36, None)
+    monkeypatch.setattr(backends, "native_kernel", lambda: None)
+    monkeypatch.setattr(backends, "int4_kernel", lambda shape: (object, "vLLM chose a kernel (test)"))
+
+    def layer_and_method():
+        layer = torch.nn.Module()
+        layer.register_parameter("weight", torch.nn.Parameter(weight.clone(), requires_grad=False))
+        layer.bias = None
+        layer.bitcpm_full_shape, layer.bitcpm_params_dtype = (36, 32), torch.bfloat16
+        method = quantization.TernaryLinearMethod(quantization.BitCPMConfig(require_ternary=False), "test.layer")
+        return layer, method
+
+    layer, method = layer_and_method()
+    method._place(layer, packed)
+    assert layer.bitcpm_backend == "dense"  # (vLLM's CPU dispatch may move the weight into a oneDNN handle)
+    (reason,) = method.quant_config.report.kernel_reasons.values()
+    assert "int4 repack cannot hold it" in reason and "36 input columns" in reason
+    x = torch.randn(3, 36).to(torch.bfloat16)
+    torch.testing.assert_close(method.apply(layer, x), torch.nn.functional.linear(x, weight))
+
+    monkeypatch.setenv(backends.BACKEND_ENV, "int4")
+    layer, method = layer_and_method()
+    with pytest.raises(backends.BackendUnavailableError, match=r"layer 'test.layer': VLLM_BITCPM_BACKEND=int4, but"):
+        method._place(layer, packed)

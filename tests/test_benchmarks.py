@@ -257,6 +257,7 @@ def test_soak_short(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--requests", "60", "--concurrency", "8",
                            "--bad-fraction", "0.2", "--synthetic", "tiny", "--checkpoints", str(tmp_path / "ck"),
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     assert proc.returncode == 0, (summary.get("failures"), proc.stderr[-3000:])
     soak = _benchmark_module("soak")

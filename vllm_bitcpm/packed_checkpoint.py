@@ -154,7 +154,8 @@ def inspect_quantized(directory: Path, config: dict) -> list[LinearReport]:
     """
     method = config.get("quant_method")
     tensors = {name: tensor for name, tensor, _ in iter_tensors(directory)}
-    reports = []
+    # Layers stored dense (`convert --keep-dense`) are inspected like a fake-quantized source's.
+    reports = [inspect_linear(name, t) for name, t in sorted(tensors.items()) if is_linear_weight(name, t)]
     if method == "bitcpm":
         for name in sorted(n for n in tensors if n.endswith(CODES_SUFFIX)):
             module = name[: -len(CODES_SUFFIX)]
@@ -166,32 +167,37 @@ def inspect_quantized(directory: Path, config: dict) -> list[LinearReport]:
                 "torch.", ""), True, layout, None, _zero_fraction(trits, 0), n * k * 2,
                 codes.numel() + scales.numel() * scales.element_size()))
     elif method == "gptq":
-        from vllm_bitcpm import int4_repack
-
         for name in sorted(n for n in tensors if n.endswith(".qweight")):
             module = name[: -len(".qweight")]
             qweight, scales = tensors[name], tensors[module + ".scales"]
             k, n = qweight.shape[0] * int4_repack.PACK_FACTOR, qweight.shape[1]
             layout = "per_row" if scales.shape[0] == 1 else f"per_group(g={config.get('group_size')})"
             nibbles = int4_repack.unpack_int32_along_rows(qweight)
+            is_ternary = bool(((nibbles - int4_repack.BIAS).abs() <= 1).all())
             extra = sum(tensors[module + s].numel() * tensors[module + s].element_size()
                         for s in (".qzeros", ".g_idx") if module + s in tensors)
-            reports.append(LinearReport(module + ".weight", (n, k), f"gptq {config.get('bits')}-bit + "
-                                        f"{str(scales.dtype).removeprefix('torch.')}", bool(
-                                            ((nibbles - int4_repack.BIAS).abs() <= 1).all()), layout, None,
-                                        _zero_fraction(nibbles, int4_repack.BIAS), n * k * 2,
-                                        qweight.numel() * 4 + scales.numel() * scales.element_size() + extra))
+            reports.append(LinearReport(
+                module + ".weight", (n, k), f"gptq {config.get('bits')}-bit + {str(scales.dtype).removeprefix('torch.')}",
+                is_ternary, layout, None, _zero_fraction(nibbles, int4_repack.BIAS), n * k * 2,
+                qweight.numel() * 4 + scales.numel() * scales.element_size() + extra,
+                None if is_ternary else f"{module}: 4-bit values outside 7..9, not a ternary weight"))
     else:
         raise ConversionError(f"{directory}: quantization_config.quant_method {method!r}; inspect reads fake-quantized "
                               "checkpoints and the bitcpm / gptq checkpoints `vllm-bitcpm convert` writes")
-    if not reports:
+    if not any(r.dtype.startswith(("bitcpm", "gptq")) for r in reports):
         raise ConversionError(f"{directory}: quant_method {method!r} but no quantized linear tensors found")
-    return reports
+    return sorted(reports, key=lambda r: r.name)
+
+
+def is_converted(config: dict | None) -> bool:
+    """A checkpoint `convert` wrote (packed bitcpm or gptq), as opposed to a fake-quantized one that
+    merely names ``quant_method: bitcpm`` (the same test ``BitCPMConfig.from_config`` uses)."""
+    return bool(config) and ("layout_version" in config or config.get("quant_method") == "gptq")
 
 
 def inspect_checkpoint(directory: Path, progress: bool = True) -> list[LinearReport]:
     config = quantization_config(directory)
-    if config:
+    if is_converted(config):
         return inspect_quantized(directory, config)
     reports = []
     tensors = iter_tensors(directory)
@@ -228,12 +234,19 @@ def _regroup(scales: torch.Tensor, group_size: int, k: int, target: int) -> torc
     return per_column[:, ::target].contiguous()
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any threads write files
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _usual_file_mode(path: Path) -> None:
     """safetensors writes through a private temporary file (mode 0600): give the weights the mode
     every other file of the checkpoint gets (0666 less the umask), so other users can serve it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    path.chmod(0o666 & ~_UMASK)
 
 
 def _gptq_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tensor, group_size: int,
@@ -241,7 +254,7 @@ def _gptq_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tens
     """One ternary weight as GPTQ tensors (qweight, fp16 scales, qzeros, g_idx), losslessly."""
     k = matrix.in_features
     half = scales.to(torch.float16)
-    if not torch.equal(half.to(scales.dtype), scales):
+    if not ternary.exact_in(scales, torch.float16):
         raise ConversionError(f"{name}: its ternary scales are not exact in fp16, which GPTQ stores; "
                               "use the bitcpm format for this checkpoint")
     regrouped = ternary.TernaryMatrix(codes=matrix.codes, scales=half, group_size=k if group_size < 0 else group_size,
@@ -250,6 +263,9 @@ def _gptq_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tens
         gptq = int4_repack.from_ternary(regrouped, name=name)
     except int4_repack.Int4RepackError as err:
         raise ConversionError(str(err)) from None
+    if matrix.out_features % int4_repack.PACK_FACTOR:
+        raise ConversionError(f"{name}: {matrix.out_features} output rows; GPTQ's qzeros pack whole words of "
+                              f"{int4_repack.PACK_FACTOR} rows")
     g = k if group_size < 0 else group_size
     return {module + ".qweight": gptq.qweight, module + ".scales": gptq.scales, module + ".qzeros": gptq.qzeros(),
             module + ".g_idx": torch.arange(k, dtype=torch.int32) // g}

@@ -371,6 +371,15 @@ class TernaryLinearMethod(LinearMethodBase):
             choice = backends.choose(shape)
         except backends.BackendUnavailableError as err:
             raise backends.BackendUnavailableError(f"bitcpm: layer '{self.prefix}': {err}") from None
+        nbytes = None
+        if choice.backend == "int4":
+            try:
+                nbytes = backends.install_int4(layer, packed, shape, choice.kernel_class, self.prefix)
+            except int4_repack.Int4RepackError as err:
+                if backends.configured_backend() == "int4":
+                    raise backends.BackendUnavailableError(f"bitcpm: layer '{self.prefix}': "
+                                                           f"{backends.BACKEND_ENV}=int4, but {err}") from None
+                choice = backends.Choice("dense", "stock dense", f"the int4 repack cannot hold it ({err})")
         key = f"{choice.backend} {choice.kernel}" if choice.backend != "dense" else "dense (as stock vLLM)"
         report.kernels[key] = report.kernels.get(key, 0) + 1
         report.kernel_reasons[key] = choice.reason
@@ -381,11 +390,10 @@ class TernaryLinearMethod(LinearMethodBase):
             self._install_dense(layer, packed)
             report.bytes_after += packed.out_features * packed.in_features * layer.bitcpm_params_dtype.itemsize
             return
-        if choice.backend == "int4":
-            nbytes = backends.install_int4(layer, packed, shape, choice.kernel_class, self.prefix)
-        else:
+        if choice.backend != "int4":
             self._install_packed(layer, packed)
-            self._prepare_for_npu(layer, packed.in_features)
+            if choice.backend == "native":  # the reference reads weight_codes, which the NPU form replaces
+                self._prepare_for_npu(layer, packed.in_features)
             nbytes = packed.nbytes()
         report.packed_layers += 1
         report.packed_weights += packed.out_features * packed.in_features

@@ -258,15 +258,19 @@ def _scales_for(absw: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
     return _group_absmax(absw, layout.group_size)
 
 
+def exact_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value survives a round trip through ``dtype`` unchanged."""
+    return torch.equal(values.to(dtype).to(values.dtype), values)
+
+
 def narrowest_exact(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Store scales in 16 bits when that is exact (a bf16 checkpoint run in float32 still has
     bf16 scales), else in the weight's dtype. Dequantizing casts up, which is exact."""
     for narrow in (torch.bfloat16, torch.float16):
         if torch.finfo(narrow).bits >= torch.finfo(dtype).bits:
             continue
-        candidate = scales.to(narrow)
-        if torch.equal(candidate.to(scales.dtype), scales):
-            return candidate.contiguous()
+        if exact_in(scales, narrow):
+            return scales.to(narrow).contiguous()
     return scales.to(dtype).contiguous()
 
 

@@ -40,7 +40,7 @@ def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | No
                timeout: float = STARTUP_TIMEOUT_S) -> Iterator[Server]:
     """``vllm serve MODEL --host 127.0.0.1 --port <free>`` through the venv's console script, with the
     plugin on (entry point, as installed) or off (``VLLM_PLUGINS=""``); waits for /health, and on exit
-    sends SIGINT (Ctrl-C), then kills after 60 s."""
+    sends SIGINT (Ctrl-C), then kills its whole process group after 60 s."""
     import requests
 
     port = free_port()
@@ -53,7 +53,8 @@ def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | No
     full_env.update(env or {})
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        # Its own process group, so a kill reaches the engine process vLLM starts, not only the API server.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -75,5 +76,5 @@ def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | No
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
