@@ -57,15 +57,20 @@ TOKENS_PER_REQUEST = 1024
 # Parent side
 
 
-def add_model_arguments(parser) -> None:
-    """The options every benchmark shares: which model, which engine settings."""
-    group = parser.add_argument_group("model and engine")
+def add_source_arguments(group) -> None:
+    """--model / --synthetic / --checkpoints: which checkpoint (read by resolve_model)."""
     source = group.add_mutually_exclusive_group()
     source.add_argument("--model", help="local checkpoint path or hub id")
     source.add_argument("--synthetic", metavar="SHAPE",
                         help="a synthetic checkpoint of this vllm_bitcpm.synthetic shape "
                              "(bitcpm4-0.5b, small, tiny, ...), cached under --checkpoints")
     group.add_argument("--checkpoints", default="checkpoints", help="cache of synthetic checkpoints")
+
+
+def add_model_arguments(parser) -> None:
+    """The options every benchmark shares: which model, which engine settings."""
+    group = parser.add_argument_group("model and engine")
+    add_source_arguments(group)
     group.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                        help="engine dtype (default bfloat16, as users run BitCPM4)")
     group.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=SIDE_NAMES,

@@ -182,9 +182,16 @@ def write_gguf(model_dir: str | Path, out: str | Path, head: str = "f16", progre
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise GGUFExportError(f"{model_dir}: no *.safetensors weight files (a local checkpoint directory is needed)")
+    """The checkpoint's weight files (packed_checkpoint's lookup); safetensors only, read lazily here."""
+    from vllm_bitcpm.packed_checkpoint import ConversionError, weight_files
+
+    try:
+        files = weight_files(model_dir)
+    except ConversionError as error:
+        raise GGUFExportError(str(error)) from None
+    if any(f.suffix != ".safetensors" for f in files):
+        raise GGUFExportError(f"{model_dir}: pytorch_model*.bin weights; the llama.cpp peer reads *.safetensors "
+                              "(run `vllm-bitcpm convert` or save as safetensors first)")
     return files
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from engine_sides import RESULTS_DIR, SIDE_LABELS, machine, machine_name, resolve_model  # noqa: E402
+from engine_sides import (  # noqa: E402
+    RESULTS_DIR, SIDE_LABELS, add_source_arguments, machine, machine_name, resolve_model,
+)
 
 SIDES = {"stock": False, "plugin": True}
 METRICS = ("ttft", "tpot", "itl")
@@ -36,10 +38,7 @@ SMOKE = {"synthetic": "tiny", "concurrency": [1, 4], "num_prompts": 8, "input_le
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="local checkpoint path or hub id")
-    source.add_argument("--synthetic", metavar="SHAPE", help="synthetic checkpoint shape (default bitcpm4-0.5b)")
-    parser.add_argument("--checkpoints", default="checkpoints")
+    add_source_arguments(parser)
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--num-prompts", type=int, default=None,

@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from engine_sides import RESULTS_DIR, resolve_model  # noqa: E402
+from engine_sides import RESULTS_DIR, add_source_arguments, resolve_model  # noqa: E402
 
 MAX_MODEL_LEN = 512
 BAD_KINDS = ("bad_json", "negative_max_tokens", "huge_max_tokens", "prompt_too_long", "unknown_model",
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
     from vllm_bitcpm.testing.serve import vllm_serve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="local checkpoint path or hub id")
-    source.add_argument("--synthetic", metavar="SHAPE", help="synthetic checkpoint shape (default bitcpm4-0.5b)")
-    parser.add_argument("--checkpoints", default="checkpoints")
+    add_source_arguments(parser)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bad-fraction", type=float, default=0.1)

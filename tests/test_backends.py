@@ -64,10 +64,15 @@ def test_repack_matches_vllm_gptq_unpacking_bit_for_bit(group_size):
 
 
 def test_qzeros_hold_the_symmetric_stored_zero():
+    """Checked with vLLM's own unpacking (qzeros pack along the output dimension, GPTQ's layout)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
     _, packed = _random_ternary(64, 128, 64)
     zeros = int4_repack.from_ternary(packed).qzeros()
     assert zeros.shape == (2, 64 // 8)
-    assert torch.equal(int4_repack.unpack_int32_along_rows(zeros.t().contiguous()).t(), torch.full((2, 64), 7))
+    unpacked = unpack_quantized_values_into_int32(zeros, scalar_types.uint4b8, packed_dim=1)
+    assert torch.equal(unpacked, torch.full((2, 64), 7, dtype=torch.int32))
 
 
 def test_repack_refuses_columns_that_are_not_whole_words():

@@ -399,10 +399,12 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const std::s
   TORCH_CHECK(path != nullptr, "bitcpm bf16_gemv: ISA path '", isa_name, "' is not available on this CPU");
   const RowsFn rows = path->fn;
   const at::Tensor xc = x.contiguous();
-  const at::Tensor xf = xc.to(at::kFloat);  // exact; read by the AVX2 path (<= 16 x K floats)
+  // x widened to fp32 (exact) once per call, for the AVX2 path only; the others read bf16 directly.
+  const at::Tensor xf = path->fn == &gemv_avx2 ? xc.to(at::kFloat) : at::Tensor();
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
   const Gemv g{reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
-               y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0), xf.data_ptr<float>()};
+               y.data_ptr<float>(), x.size(0), x.size(1), weight.size(0),
+               xf.defined() ? xf.data_ptr<float>() : nullptr};
   if (g.M > 0 && g.N > 0) {
     at::parallel_for(0, g.N, kRowGrain, [&](int64_t n0, int64_t n1) { rows(g, n0, n1); });
   }
