@@ -20,6 +20,7 @@ KL divergence), writes JSON and a PNG plot to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -29,9 +30,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from vllm_bitcpm.accuracy import bar_failures  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
-    machine_name, resolve_model, run_sides,
+    DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, TRAINED_MODEL_SIDES, add_model_arguments, apply_isa_mode,
+    available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides,
 )
 
 #: The published BitCPM4-0.5B report: vLLM dense bf16 on Ascend 910B2 vs CPU float32, 7 prompts.
@@ -59,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def measure_engine(llm, spec: dict, scratch: str) -> dict:
-    """Full-vocabulary next-token log-probs per prompt, saved as a (prompts, vocab) float32 tensor."""
+    """Full-vocabulary next-token log-probs per prompt, saved as a (prompts, vocab) float32 tensor;
+    with ``spec["perplexity"]`` also each text's per-token negative log-likelihoods (prompt log-probs)."""
     import torch
     from vllm import SamplingParams
 
@@ -75,11 +78,31 @@ def measure_engine(llm, spec: dict, scratch: str) -> dict:
         logprobs[row, ids] = torch.tensor([lp.logprob for lp in step.values()], dtype=torch.float32)
     path = str(Path(scratch) / "logprobs.pt")
     torch.save(logprobs, path)
-    return {"logprobs_file": path, "vocab": vocab, "logprobs_returned": returned}
+    result = {"logprobs_file": path, "vocab": vocab, "logprobs_returned": returned}
+    if spec.get("perplexity"):
+        result["token_nll"] = prompt_nll(llm, spec["perplexity"])
+    return result
+
+
+def prompt_nll(llm, texts: list[list[int]]) -> list[list[float]]:
+    """-log p(token | preceding tokens) for every token but the first of each text, as vLLM scores it."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in texts], params, use_tqdm=False)
+    return [[-step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
+            for out, ids in zip(outputs, texts)]
 
 
 # --------------------------------------------------------------------------------------------
 # Parent side: tokenizer, reference, comparison
+
+
+def is_trained_model(model: str) -> bool:
+    """A checkpoint written by vllm_bitcpm.testing.qat_training (it carries its training record)."""
+    from vllm_bitcpm.testing.qat_training import read_record
+
+    return Path(model).is_dir() and read_record(model) is not None
 
 
 def load_tokenizer(model: str, trust_remote_code: bool):
@@ -100,11 +123,9 @@ def _local_checkpoint(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.py", "*.model"]))
 
 
-def reference_logits(model: str, prompt_ids: list[list[int]], kind: str, dtype_name: str,
-                     max_model_len: int, trust_remote_code: bool) -> list:
-    """Next-token logits of the float reference for every prompt (vocab,)."""
+def reference_forward(model: str, kind: str, dtype_name: str, max_model_len: int, trust_remote_code: bool):
+    """The float reference as a function: token ids -> logits of every position (seq, vocab)."""
     import torch
-    from tqdm import tqdm
 
     dtype = getattr(torch, dtype_name)
     if kind == "minicpm":
@@ -117,7 +138,7 @@ def reference_logits(model: str, prompt_ids: list[list[int]], kind: str, dtype_n
         # vLLM picks LongRoPE's factor set per engine, from max_model_len (reference_model docstring).
         reference = ReferenceMiniCPM.from_pretrained(
             path, dtype=dtype, use_long_factors=bool(original) and max_model_len > original)
-        forward = reference.next_token_logits
+        return reference.logits
     else:
         try:
             from transformers import AutoModelForCausalLM
@@ -135,20 +156,45 @@ def reference_logits(model: str, prompt_ids: list[list[int]], kind: str, dtype_n
 
         def forward(ids):
             with torch.no_grad():
-                return hf_model(torch.tensor([ids])).logits[0, -1]
+                return hf_model(torch.tensor([ids])).logits[0]
 
-    return [forward(ids).to(torch.float64) for ids in tqdm(prompt_ids, desc=f"{kind} reference", unit="prompt")]
+        return forward
+
+
+def reference_logits(model: str, prompt_ids: list[list[int]], kind: str, dtype_name: str,
+                     max_model_len: int, trust_remote_code: bool) -> list:
+    """Next-token logits of the float reference for every prompt (vocab,)."""
+    import torch
+    from tqdm import tqdm
+
+    forward = reference_forward(model, kind, dtype_name, max_model_len, trust_remote_code)
+    return [forward(ids)[-1].to(torch.float64) for ids in tqdm(prompt_ids, desc=f"{kind} reference", unit="prompt")]
+
+
+def reference_nll(model: str, texts: list[list[int]], kind: str, dtype_name: str, max_model_len: int,
+                  trust_remote_code: bool) -> list[list[float]]:
+    """The reference's -log p of every token but the first of each text (what prompt_nll returns)."""
+    import torch
+
+    forward = reference_forward(model, kind, dtype_name, max_model_len, trust_remote_code)
+    out = []
+    for ids in texts:
+        logp = torch.log_softmax(forward(ids).to(torch.float64), dim=-1)
+        out.append((-logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).tolist())
+    return out
 
 
 def _token(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def compare_side(side_result: dict, ref_logits: list, prompts: list[str], tokenizer) -> dict:
-    """Per-prompt comparisons and the summary of one candidate against the reference."""
+def compare_side(side_result: dict, ref_logits: list, prompts: list[str], tokenizer,
+                 prompt_sets: dict[str, int] | None = None, ref_nll: list | None = None) -> dict:
+    """Per-prompt comparisons and the summary of one candidate against the reference (also per
+    prompt set, and the held-out perplexity where ``ref_nll`` is given)."""
     import torch
 
-    from vllm_bitcpm.accuracy import bar_failures, compare_next_token, summarize
+    from vllm_bitcpm.accuracy import compare_next_token, summarize
 
     if "error" in side_result:
         return {"error": side_result["error"]}
@@ -174,9 +220,67 @@ def compare_side(side_result: dict, ref_logits: list, prompts: list[str], tokeni
             "top10": [[int(t), _token(tokenizer, int(t)), float(v.exp())] for v, t in zip(top.values, top.indices)],
         })
     summary = summarize(comparisons)
-    return {"summary": summary, "bar_failures": bar_failures(summary), "per_prompt": rows,
-            "logprobs_returned": side_result["accuracy"]["logprobs_returned"],
-            "init_seconds": side_result.get("init_seconds")}
+    by_set, start = {}, 0
+    for name, count in (prompt_sets or {}).items():
+        by_set[name] = summarize(comparisons[start : start + count])
+        start += count
+    result = {"summary": summary, "bar_failures": bar_failures(summary), "summary_by_set": by_set,
+              "per_prompt": rows, "logprobs_returned": side_result["accuracy"]["logprobs_returned"],
+              "init_seconds": side_result.get("init_seconds")}
+    if ref_nll is not None and "token_nll" in side_result["accuracy"]:
+        result["perplexity"] = compare_perplexity(side_result["accuracy"]["token_nll"], ref_nll)
+    return result
+
+
+def perplexity_of(token_nll: list[list[float]]) -> dict:
+    flat = [x for text in token_nll for x in text]
+    mean = sum(flat) / len(flat)
+    return {"tokens": len(flat), "mean_nll": mean, "perplexity": math.exp(mean)}
+
+
+def compare_perplexity(side_nll: list[list[float]], ref_nll: list[list[float]]) -> dict:
+    """The side's held-out perplexity, its relative difference to the reference's, and the mean
+    absolute difference of the per-token log-likelihoods (what a perplexity average can hide)."""
+    side, ref = perplexity_of(side_nll), perplexity_of(ref_nll)
+    diffs = [abs(a - b) for s_text, r_text in zip(side_nll, ref_nll) for a, b in zip(s_text, r_text)]
+    return {**side, "perplexity_rel_diff": side["perplexity"] / ref["perplexity"] - 1,
+            "mean_abs_token_logprob_diff": sum(diffs) / len(diffs), "max_abs_token_logprob_diff": max(diffs)}
+
+
+def prompt_sets(args, model: str) -> dict[str, list[str]]:
+    """Named prompt sets: --prompt's, else the report's 7 and, for a model trained by
+    vllm_bitcpm.testing.qat_training, prompts cut from held-out documents it never saw."""
+    from vllm_bitcpm.synthetic import REPORT_PROMPTS
+    from vllm_bitcpm.testing.qat_training import read_record
+
+    if args.prompts:
+        return {"given prompts": list(args.prompts)}
+    sets = {"report prompts": list(REPORT_PROMPTS)}
+    record = read_record(model) if Path(model).is_dir() else None
+    if record and record.get("held_out_prompts"):
+        sets["held-out text"] = list(record["held_out_prompts"])
+    return sets
+
+
+#: Held-out perplexity: at most this many documents, each cut to this many tokens.
+PERPLEXITY_TEXTS, PERPLEXITY_TOKENS = 16, 256
+
+
+def held_out_texts(model: str, tokenizer, max_model_len: int) -> tuple[list[list[int]] | None, str]:
+    """Token ids of held-out documents of a trained model's corpus (None for other models), and why."""
+    from vllm_bitcpm.testing.offline_corpus import load_corpus
+    from vllm_bitcpm.testing.qat_training import read_record
+
+    record = read_record(model) if Path(model).is_dir() else None
+    if record is None:
+        return None, "not a model trained by vllm_bitcpm.testing.qat_training"
+    corpus = load_corpus()
+    if corpus.sha256 != record["corpus"]["sha256"]:
+        return None, (f"this Python's corpus ({corpus.sources}, sha256 {corpus.sha256[:12]}) is not the one the "
+                      f"model was trained on ({record['corpus']['sources']}, {record['corpus']['sha256'][:12]})")
+    limit = min(PERPLEXITY_TOKENS, max_model_len - 1)
+    texts = [tokenizer(doc).input_ids[:limit] for doc in corpus.held_out[:PERPLEXITY_TEXTS]]
+    return [ids for ids in texts if len(ids) > 1], f"{PERPLEXITY_TEXTS} held-out documents, <= {limit} tokens each"
 
 
 def reference_top10(ref_logits: list, tokenizer) -> list[list]:
@@ -190,16 +294,24 @@ def reference_top10(ref_logits: list, tokenizer) -> list[list]:
     return out
 
 
-def assemble(model: str, settings: dict, args, prompts, prompt_ids, ref_logits, sides: dict, tokenizer,
-             info: dict) -> dict:
+def assemble(model: str, settings: dict, args, inputs: "AccuracyInputs", ref_logits, sides: dict,
+             info: dict, ref_nll: list | None = None) -> dict:
     """The accuracy JSON: inputs, reference, and per candidate its summary and per-prompt rows."""
+    from vllm_bitcpm.testing.qat_training import read_record
+
+    sets = {name: len(prompts) for name, prompts in inputs.prompt_sets.items()}
+    record = read_record(model) if Path(model).is_dir() else None
     return {
         "model": model, "settings": settings, "machine": info, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "reference": {"kind": args.reference, "dtype": args.reference_dtype,
-                      "top10": reference_top10(ref_logits, tokenizer)},
-        "prompts": prompts, "prompt_ids": prompt_ids,
+                      "top10": reference_top10(ref_logits, inputs.tokenizer),
+                      **({"perplexity": perplexity_of(ref_nll)} if ref_nll else {})},
+        "prompts": inputs.prompts, "prompt_ids": inputs.prompt_ids, "prompt_sets": sets,
+        "perplexity_texts": inputs.perplexity_why,
+        "training": None if record is None else {k: v for k, v in record.items() if k != "loss_curve"},
         "published": PUBLISHED_ACCURACY,
-        "candidates": {side: compare_side(result, ref_logits, prompts, tokenizer) for side, result in sides.items()},
+        "candidates": {side: compare_side(result, ref_logits, inputs.prompts, inputs.tokenizer, sets, ref_nll)
+                       for side, result in sides.items()},
     }
 
 
@@ -268,19 +380,25 @@ def _published_cell(key: str, published: dict, num_prompts: int) -> str:
     return f"{published[key]:.2%}"
 
 
-def summary_table(result: dict, with_published: bool = True) -> str:
+def summary_table(result: dict, with_published: bool = True, prompt_set: str | None = None) -> str:
+    """Metrics per side over all prompts, or over one ``prompt_set`` (e.g. "held-out text")."""
     sides = [s for s, c in result["candidates"].items() if "error" not in c]
+
+    def summary(side: str) -> dict:
+        c = result["candidates"][side]
+        return c["summary"] if prompt_set is None else c["summary_by_set"][prompt_set]
+
     header = ["metric"] + [SIDE_LABELS[s] for s in sides]
     if with_published:
         header.append("published (Ascend 910B2, stock bf16)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, label, fmt in SUMMARY_ROWS:
-        cells = [label] + [fmt(result["candidates"][s]["summary"]) for s in sides]
+        cells = [label] + [fmt(summary(s)) for s in sides]
         if with_published:
             cells.append(_published_cell(key, result["published"], 7))
         lines.append("| " + " | ".join(cells) + " |")
-    bar = ["meets the project's bar"] + ["yes" if not result["candidates"][s]["bar_failures"] else
-                                         "no: " + "; ".join(result["candidates"][s]["bar_failures"]) for s in sides]
+    failures = {s: bar_failures(summary(s)) for s in sides}
+    bar = ["meets the project's bar"] + ["yes" if not failures[s] else "no: " + "; ".join(failures[s]) for s in sides]
     if with_published:
         bar.append("yes")
     lines.append("| " + " | ".join(bar) + " |")
@@ -290,8 +408,62 @@ def summary_table(result: dict, with_published: bool = True) -> str:
     return "\n".join(lines)
 
 
+def perplexity_table(result: dict) -> str:
+    """Held-out perplexity per side beside the reference's ("" where none was measured)."""
+    ref = result["reference"].get("perplexity")
+    sides = [s for s, c in result["candidates"].items() if "perplexity" in c]
+    if not ref or not sides:
+        return ""
+    lines = ["| | perplexity | vs reference | mean abs. token log-prob diff. | max |", "|---|---|---|---|---|",
+             f"| {result['reference']['kind']} {result['reference']['dtype']} reference | {ref['perplexity']:.3f} "
+             "| - | - | - |"]
+    for side in sides:
+        c = result["candidates"][side]["perplexity"]
+        lines.append(f"| {SIDE_LABELS[side]} (engine {side_dtype(side, result['settings'])}) | {c['perplexity']:.3f} "
+                     f"| {c['perplexity_rel_diff']:+.3%} | {c['mean_abs_token_logprob_diff']:.2e} "
+                     f"| {c['max_abs_token_logprob_diff']:.2e} |")
+    return "\n".join([f"Held-out perplexity ({result['perplexity_texts']}; {ref['tokens']} scored tokens):", "",
+                      *lines])
+
+
+def training_line(result: dict) -> str:
+    """How trained the model is, for a reader judging the accuracy figures ("" if not trained here)."""
+    t = result.get("training")
+    if not t:
+        return ""
+    r = t["recipe"]
+    return (f"Model trained by `python -m vllm_bitcpm.testing.qat_training`: {t['parameters'] / 1e6:.1f} M parameters "
+            f"(hidden {r['hidden_size']}, {r['num_hidden_layers']} layers), ternary {r['granularity']} absmean QAT"
+            f"{' (group ' + str(r['group_size']) + ')' if r['granularity'] == 'per_group' else ''}, "
+            f"{t['tokens_seen'] / 1e6:.1f} M tokens seen of {t['corpus']['sources']}; train loss {t['train_loss']:.3f}, "
+            f"held-out loss {t['held_out_loss']:.3f} nats (perplexity {t['held_out_perplexity']:.1f}; a unigram model "
+            f"scores {t['unigram_entropy_nats']:.3f}).")
+
+
+def prompts_description(result: dict) -> str:
+    """E.g. "7 prompts of the published report + 8 cut from held-out text"."""
+    sets = result.get("prompt_sets") or {"report prompts": len(result["prompts"])}
+    names = {"report prompts": "prompts of the published report", "held-out text": "cut from held-out text",
+             "given prompts": "given prompts"}
+    return " + ".join(f"{count} {names.get(name, name)}" for name, count in sets.items())
+
+
+def summary_markdown(result: dict) -> str:
+    """Training line, summary table(s) per prompt set and the perplexity table: no per-prompt rows."""
+    parts = [training_line(result), ""] if result.get("training") else []
+    sets = result.get("prompt_sets") or {}
+    if len(sets) > 1:
+        for name, count in sets.items():
+            parts += [f"**{name}** ({count} prompts):", "", summary_table(result, name == "report prompts", name), ""]
+    else:
+        parts += [summary_table(result), ""]
+    if table := perplexity_table(result):
+        parts += [table, ""]
+    return "\n".join(parts).strip("\n")
+
+
 def markdown(result: dict) -> str:
-    parts = [summary_table(result), ""]
+    parts = [summary_markdown(result), ""]
     for side, c in result["candidates"].items():
         if "error" not in c:
             parts += [per_prompt_table(result, side), ""]
@@ -331,13 +503,39 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def prepare(args, model: str) -> tuple[list[str], list[list[int]], object]:
-    """Prompts, their token ids (identical for every side and the reference) and the tokenizer."""
-    from vllm_bitcpm.synthetic import REPORT_PROMPTS
+@dataclasses.dataclass
+class AccuracyInputs:
+    """What every side and the reference are given: identical token ids for all of them."""
 
-    prompts = args.prompts or list(REPORT_PROMPTS)
+    prompt_sets: dict[str, list[str]]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    tokenizer: object
+    perplexity_ids: list[list[int]] | None
+    perplexity_why: str
+
+    def engine_spec(self) -> dict:
+        return {"prompts": self.prompt_ids, **({"perplexity": self.perplexity_ids} if self.perplexity_ids else {})}
+
+
+def prepare(args, model: str, max_model_len: int) -> AccuracyInputs:
+    """Prompts (by set), their token ids, held-out texts for the perplexity, and the tokenizer."""
+    sets = prompt_sets(args, model)
+    prompts = [p for group in sets.values() for p in group]
     tokenizer = load_tokenizer(model, args.trust_remote_code)
-    return prompts, [tokenizer(p).input_ids for p in prompts], tokenizer
+    texts, why = held_out_texts(model, tokenizer, max_model_len)
+    return AccuracyInputs(sets, prompts, [tokenizer(p).input_ids for p in prompts], tokenizer, texts, why)
+
+
+def reference_for(args, model: str, inputs: AccuracyInputs, max_model_len: int) -> tuple[list, list | None]:
+    """The reference's next-token logits per prompt and, where there are held-out texts, its token NLLs."""
+    ref_logits = reference_logits(model, inputs.prompt_ids, args.reference, args.reference_dtype,
+                                  max_model_len, args.trust_remote_code)
+    ref_nll = None
+    if inputs.perplexity_ids:
+        ref_nll = reference_nll(model, inputs.perplexity_ids, args.reference, args.reference_dtype,
+                                max_model_len, args.trust_remote_code)
+    return ref_logits, ref_nll
 
 
 def main() -> None:
@@ -352,14 +550,14 @@ def main() -> None:
     from tqdm import tqdm
 
     model = resolve_model(args)
+    if args.sides == DEFAULT_SIDES and is_trained_model(model):
+        args.sides = list(TRAINED_MODEL_SIDES)
     settings = engine_settings(args, full_vocab_logprobs=True)
-    prompts, prompt_ids, tokenizer = prepare(args, model)
-    ref_logits = reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
-                                  settings["max_model_len"], args.trust_remote_code)
+    inputs = prepare(args, model, settings["max_model_len"])
+    ref_logits, ref_nll = reference_for(args, model, inputs, settings["max_model_len"])
     with tqdm(total=len(args.sides), unit="engine") as bar:
-        sides = run_sides(model, settings, {"accuracy": {"prompts": prompt_ids}}, args.sides, args.threads, bar)
-    result = assemble(model, settings, args, prompts, prompt_ids, ref_logits, sides, tokenizer,
-                      machine(first_engine_info(sides)))
+        sides = run_sides(model, settings, {"accuracy": inputs.engine_spec()}, args.sides, args.threads, bar)
+    result = assemble(model, settings, args, inputs, ref_logits, sides, machine(first_engine_info(sides)), ref_nll)
     print(f"\n### Accuracy: {Path(model).name}, engine {args.dtype}, vs {args.reference} {args.reference_dtype}\n")
     print(markdown(result))
     out = Path(args.out)

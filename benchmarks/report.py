@@ -29,8 +29,8 @@ sys.path.insert(0, str(HERE))
 import accuracy  # noqa: E402
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, add_model_arguments, apply_isa_mode, available_threads, engine_settings, first_engine_info, machine,
-    machine_name, resolve_model, run_sides,
+    DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, TRAINED_MODEL_SIDES, add_model_arguments, apply_isa_mode,
+    available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides,
 )
 
 #: The published report's throughput figures (Ascend 910B2, vLLM dense bf16), by our metric keys.
@@ -91,8 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.isa == "avx2" and args.sides == DEFAULT_SIDES:
         args.sides = [*DEFAULT_SIDES, "stock-fp32"]  # the AVX2 targets' prefill and batch-10 baseline
+    trained = bool(args.model) and accuracy.is_trained_model(args.model)
+    if trained and args.sides == DEFAULT_SIDES:
+        args.sides = list(TRAINED_MODEL_SIDES)  # judge each int8 option on its own
     if args.results_dir is None:
-        args.results_dir = str(RESULTS_DIR / "smoke" if args.smoke else RESULTS_DIR)
+        args.results_dir = str(RESULTS_DIR / ("smoke" if args.smoke else "trained" if trained else ""))
     return args
 
 
@@ -103,14 +106,13 @@ def run(args) -> dict:
     model = resolve_model(args)
     settings = engine_settings(args)
     accuracy_settings = engine_settings(args, full_vocab_logprobs=True)
-    prompts, prompt_ids, tokenizer = accuracy.prepare(args, model)
-    ref_logits = accuracy.reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
-                                           settings["max_model_len"], args.trust_remote_code)
+    inputs = accuracy.prepare(args, model, settings["max_model_len"])
+    ref_logits, ref_nll = accuracy.reference_for(args, model, inputs, settings["max_model_len"])
     spec = throughput.measure_spec(args, throughput.model_vocab(model))
     runs = {}
     with tqdm(total=(len(args.threads) + 1) * len(args.sides), unit="engine", desc="engines") as bar:
         # Accuracy on its own engines (max_logprobs=-1), throughput on engines configured as users run them.
-        accuracy_sides = run_sides(model, accuracy_settings, {"accuracy": {"prompts": prompt_ids}}, args.sides,
+        accuracy_sides = run_sides(model, accuracy_settings, {"accuracy": inputs.engine_spec()}, args.sides,
                                    args.threads[0], progress=bar, parallel=args.parallel_sides)
         for threads in args.threads:
             sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar,
@@ -125,8 +127,8 @@ def run(args) -> dict:
         "smoke": args.smoke,
         "parallel_sides": args.parallel_sides,
         "command": " ".join(["python", "benchmarks/report.py", *sys.argv[1:]]),
-        "accuracy": accuracy.assemble(model, accuracy_settings, args, prompts, prompt_ids, ref_logits, accuracy_sides,
-                                      tokenizer, info),
+        "accuracy": accuracy.assemble(model, accuracy_settings, args, inputs, ref_logits, accuracy_sides, info,
+                                      ref_nll),
         "throughput": throughput.assemble(model, settings, spec, runs, info, args.isa),
     }
 
@@ -137,6 +139,10 @@ def run(args) -> dict:
 
 def _model_line(report: dict) -> str:
     name = Path(report["model"]).name
+    if (report.get("accuracy") or {}).get("training"):
+        return (f"`{name}`, a small MiniCPM trained here with BitCPM-style ternary QAT "
+                "(`python -m vllm_bitcpm.testing.qat_training`): peaked next-token distributions like the real "
+                "releases', but far smaller, so its throughput says little about BitCPM4-0.5B")
     if report.get("synthetic"):
         return (f"synthetic checkpoint of the `{report['synthetic']}` shape (`{name}`; random ternary weights: "
                 "accuracy figures measure numerical agreement with the reference, not model quality)")
@@ -255,7 +261,10 @@ def avx2_targets_table(report: dict) -> str:
 
 def _comparison_sections(report: dict) -> list[str]:
     """Markdown parts: the AVX2 targets (AVX2-mode runs) or the CPU-kernel targets, and the llama.cpp peer."""
-    if report["throughput"].get("isa_mode") == "avx2":
+    if _trained(report):
+        parts = ["The CPU and AVX2 targets are set for the BitCPM4-0.5B shape (bitnet.cpp's figures are for it); "
+                 "this tiny trained model is for accuracy, so they are not shown.", ""]
+    elif report["throughput"].get("isa_mode") == "avx2":
         parts = ["## AVX2 targets (sides and llama.cpp measured in this run)", "", avx2_targets_table(report), ""]
     else:
         parts = ["## CPU targets (decode-only rates; bitnet.cpp figures from the kernel issue)", "",
@@ -268,6 +277,11 @@ def _comparison_sections(report: dict) -> list[str]:
                if s.startswith("llama.cpp") and "error" in r}
         parts += [f"llama.cpp peer not measured: {'; '.join(sorted(why)) or 'disabled (--llama-cpp no)'}", ""]
     return parts
+
+
+def _trained(report: dict) -> bool:
+    """A model trained by vllm_bitcpm.testing.qat_training (its accuracy section carries the record)."""
+    return bool((report.get("accuracy") or {}).get("training"))
 
 
 def _ran(report: dict, side: str) -> bool:
@@ -298,9 +312,11 @@ def _setup_lines(report: dict) -> list[str]:
         f"in-process, prefix caching off, max_model_len {settings['max_model_len']}, {kv}",
         f"- Threads: {tp['threads_bind']}",
         f"- Accuracy reference: {acc['reference']['kind']} {acc['reference']['dtype']} on CPU; "
-        f"{len(acc['prompts'])} prompts of the published report; full-vocabulary log-probs from vLLM",
+        f"{accuracy.prompts_description(acc)}; full-vocabulary log-probs from vLLM",
         "- Sides: stock vLLM (plugin disabled); vLLM + bitcpm (default: exact activations, bf16 head); "
-        "vLLM + bitcpm int8 (`VLLM_BITCPM_ACTIVATIONS=int8 VLLM_BITCPM_LM_HEAD=int8`)"
+        + ("vLLM + bitcpm int8 activations (`VLLM_BITCPM_ACTIVATIONS=int8`); vLLM + bitcpm int8 head "
+           "(`VLLM_BITCPM_LM_HEAD=int8`); " if _ran(report, "plugin-int8-act") else "")
+        + "vLLM + bitcpm int8 (`VLLM_BITCPM_ACTIVATIONS=int8 VLLM_BITCPM_LM_HEAD=int8`)"
         + ("; stock vLLM float32 (plugin disabled, `dtype=float32`)" if _ran(report, "stock-fp32") else ""),
         *_peer_lines(report),
         *([f"- **AVX2 mode** (`--isa avx2`, vllm_bitcpm/testing/isa_mode.py): every side on its AVX2 paths on this "
@@ -333,20 +349,22 @@ def readme_block(report: dict) -> str:
     acc, tp = report["accuracy"], report["throughput"]
     threads = max(tp["runs"], key=int)
     info = tp["machine"]
+    base = "benchmarks/results/trained" if _trained(report) else "benchmarks/results"
     parts = [
         "## Results", "",
         f"Measured with `benchmarks/report.py` on {machine_name(info)}, {threads} model thread(s), "
         f"engine dtype {tp['settings']['dtype']}, {engine_mode(tp['settings'])}, {tp['time'][:10]}. "
         f"Model: {_model_line(report)}. "
         "Stock vLLM and vLLM + bitcpm ran the same token ids in the same invocation; full tables in "
-        "`benchmarks/results/REPORT.md`, data in `benchmarks/results/report.json`. The published column is "
+        f"`{base}/REPORT.md`, data in `{base}/report.json`. The published column is "
         "the BitCPM4-0.5B report's stock vLLM on Ascend 910B2: other hardware, shown for scale only.", "",
-        f"**Next-token accuracy** ({len(acc['prompts'])} prompts of the published report, vs "
+        f"**Next-token accuracy** ({accuracy.prompts_description(acc)}, vs "
         f"{acc['reference']['kind']} {acc['reference']['dtype']} on CPU):", "",
-        accuracy.summary_table(acc), "",
+        accuracy.summary_markdown(acc), "",
         "**Throughput and memory:**", "",
         headline_table(report), "",
-        *(["**AVX2 targets** (AVX2 mode; every baseline measured in this run; decode-only tok/s = "
+        *([] if _trained(report) else
+          ["**AVX2 targets** (AVX2 mode; every baseline measured in this run; decode-only tok/s = "
             "(time for N tokens − time for 1) / (N − 1)):", "", avx2_targets_table(report), ""]
           if tp.get("isa_mode") == "avx2" else
           ["**CPU targets** (decode-only tok/s = (time for N tokens − time for 1) / (N − 1); bitnet.cpp "
@@ -354,8 +372,8 @@ def readme_block(report: dict) -> str:
            "machine; int8 = `bitcpm int8`):", "", targets_table(report), ""]),
         *(["**Against llama.cpp TQ2_0** (`benchmarks/llama_cpp_peer.py`: the same checkpoint as GGUF, the "
            "same CPUs, in the same run):", "", peers, ""] if (peers := peer_table(report)) else []),
-        "![accuracy](benchmarks/results/report-accuracy.png)",
-        "![throughput](benchmarks/results/report-throughput.png)", "",
+        f"![accuracy]({base}/report-accuracy.png)",
+        f"![throughput]({base}/report-throughput.png)", "",
         "Reproduce: `" + report["command"] + "`",
         *(["", "**Smoke run: tiny model, sides in parallel; not a measurement.**"] if report.get("smoke") else []),
     ]

@@ -167,6 +167,7 @@ def flat_metrics(side_result: dict) -> dict:
         "kv_cache_tokens": side_result.get("kv_cache_tokens"),
         "max_concurrency": side_result.get("max_concurrency"),
         "rss_gib_after_load": side_result["rss_bytes_after_load"] / 2**30,
+        "peak_rss_gib": side_result["peak_rss_bytes"] / 2**30 if side_result.get("peak_rss_bytes") else None,
         "init_seconds": side_result["init_seconds"],
         "child_seconds": side_result.get("child_seconds"),
         "plugin_log": side_result.get("plugin_log"),
@@ -197,6 +198,7 @@ def metric_rows(spec: dict) -> list[tuple[str, str, str]]:
         ("kv_cache_tokens", "KV cache capacity (tokens)", "{:,.0f}"),
         ("max_concurrency", f"max concurrency at {TOKENS_PER_REQUEST} tokens/request", "{:.1f}x"),
         ("rss_gib_after_load", "process RSS after load (GiB)", "{:.2f}"),
+        ("peak_rss_gib", "process peak RSS (GiB)", "{:.2f}"),
         ("init_seconds", "engine init (s)", "{:.1f}"),
     ]
     return rows

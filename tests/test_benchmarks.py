@@ -265,3 +265,27 @@ def test_soak_short(tmp_path):
     assert summary["good_ok"] == summary["good"] > 0 and summary["bad_answered_4xx"] == summary["bad"] > 0
     assert summary["streamed_good"] > 0 and summary["chat_good"] > 0 and not summary["lost"]
     assert summary["server_alive_at_end"] and summary["plugin_packed_the_model"]
+
+
+def test_big_shapes_smoke(tmp_path):
+    """benchmarks/big_shapes.py end to end on the tiny shape: sharded source, measured streaming
+    convert, stock and plugin engines, ceilings from a measured bandwidth."""
+    out = tmp_path / "big_shapes.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "big_shapes.py"), "--smoke", "--threads", "1",
+                           "--checkpoints", str(tmp_path / "checkpoints"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (shape,) = result["shapes"]
+    conversion = shape["conversion"]
+    assert conversion["source_shards"] > 1 and conversion["packed_shards"] > 1
+    assert 0 < conversion["packed_bytes"] < 0.4 * conversion["source_bytes"]
+    assert conversion["peak_anon_bytes"] > 0 and conversion["vm_hwm_bytes"] >= conversion["peak_anon_bytes"]
+    assert result["read_bandwidth_bytes_per_s"] > 1e9
+    for side in ("stock", "plugin"):
+        s = shape["sides"][side]
+        assert "error" not in s, s.get("error")
+        assert s["decode_b1_tok_per_s"] > 0 and s["prefill_tok_per_s"] > 0 and s["peak_rss_gib"] > 0
+        assert s["decode_bytes_per_token"] > 0 and s["bandwidth_ceiling_tok_per_s"] > 0
+    assert shape["sides"]["plugin"]["decode_bytes_per_token"] < shape["sides"]["stock"]["decode_bytes_per_token"]
+    assert "Converter memory" in proc.stdout and "b1 / ceiling" in proc.stdout

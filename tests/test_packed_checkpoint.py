@@ -41,7 +41,14 @@ def packed_dir(checkpoint_dir, tmp_path_factory) -> Path:
     config["quantization_config"]["layout_version"] = ternary.PACK_LAYOUT_VERSION + 1
     (root / "future" / "config.json").write_text(json.dumps(config))
     copy_with_doubled_scales(root / "per_row", root / "bad_scales", "model.layers.0.mlp.up_proj.weight_scales")
+    # The per_group checkpoint again, written in shards and converted in shards (the big shapes' path).
+    synthetic.write_checkpoint(root / "sharded_source", shape="tiny", seed=0, granularity="per_group", group_size=64,
+                               shard_bytes=SHARD_BYTES)
+    pc.convert(str(root / "sharded_source"), root / "sharded", shard_bytes=SHARD_BYTES // 4, progress=False)
     return root
+
+
+SHARD_BYTES = 400_000  # the tiny bf16 checkpoint is ~1.4 MB: four shards, and more once packed
 
 
 def copy_with_doubled_scales(src: Path, dst: Path, name: str) -> None:
@@ -52,7 +59,7 @@ def copy_with_doubled_scales(src: Path, dst: Path, name: str) -> None:
     save_file(tensors, str(dst / "model.safetensors"))
 
 
-PACKED_JOBS = [*TERNARY_GRANULARITIES, "mixed", "future", "bad_scales"]
+PACKED_JOBS = [*TERNARY_GRANULARITIES, "mixed", "future", "bad_scales", "sharded"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +69,10 @@ def packed_runs(packed_dir, prompt_ids) -> dict[str, dict]:
     return dict(zip(PACKED_JOBS, run_engine_jobs(jobs, plugin=True)))
 
 
-@pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed"])
+@pytest.mark.parametrize("name", [*TERNARY_GRANULARITIES, "mixed", "sharded"])
 def test_packed_checkpoint_loads_and_decodes_like_its_source(name, packed_runs, plugin_runs):
-    assert _outputs(packed_runs[name]) == _outputs(plugin_runs[name])  # tokens and logprobs
+    source = "per_group" if name == "sharded" else name
+    assert _outputs(packed_runs[name]) == _outputs(plugin_runs[source])  # tokens and logprobs
     (layers,) = packed_runs[name]["layers"]
     assert layers["packed_layers"] > 0
     assert layers["dense_layers"] == (1 if name == "mixed" else 0)
@@ -105,6 +113,26 @@ def test_convert_refuses_a_non_ternary_layer_by_name(checkpoint_dir, tmp_path):
     assert result.returncode == 2
     assert "model.safetensors: model.layers.1.mlp.down_proj.weight: not ternary" in result.stderr
     assert "--keep-dense" in result.stderr
+    assert not (tmp_path / "out").exists()  # streaming wrote shards before the failure: all removed
+
+
+def test_sharded_checkpoints_hold_the_same_tensors(checkpoint_dir, packed_dir):
+    """The synthetic writer's shards equal its single file; convert's shards equal its single file."""
+    def tensors(directory: Path) -> dict[str, torch.Tensor]:
+        index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        files = sorted(directory.glob("model-*-of-*.safetensors"))
+        assert len(files) > 2 and sorted(set(index.values())) == [f.name for f in files]
+        out = {}
+        for file in files:
+            out.update(load_file(str(file)))
+        assert set(out) == set(index) and all(index[n] == f.name for f in files for n in load_file(str(f)))
+        return out
+
+    for sharded, single in ((packed_dir / "sharded_source", checkpoint_dir / "per_group"),
+                            (packed_dir / "sharded", packed_dir / "per_group")):
+        got, want = tensors(sharded), load_file(str(single / "model.safetensors"))
+        assert set(got) == set(want)
+        assert all(torch.equal(got[name], want[name]) for name in want), sharded.name
 
 
 def test_convert_refuses_an_existing_destination(checkpoint_dir, packed_dir):
@@ -183,7 +211,8 @@ def test_converted_weights_get_the_usual_file_mode(tmp_path):
 
 def test_demo_leaves_no_temporary_checkpoint_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "vllm_bitcpm.demo", "--shape", "tiny", "--max-tokens", "4"],
+    result = subprocess.run([sys.executable, "-m", "vllm_bitcpm.demo", "--synthetic", "--shape", "tiny",
+                             "--max-tokens", "4"],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "linear layers packed ternary" in result.stdout and "demo: generation:" in result.stdout

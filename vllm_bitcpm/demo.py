@@ -1,10 +1,13 @@
 """Newcomer demo: load a BitCPM model through vLLM with the plugin, show the packing, generate.
 
-    python -m vllm_bitcpm.demo                      # makes a small synthetic BitCPM checkpoint
+    python -m vllm_bitcpm.demo                      # the trained tiny model if cached, else synthetic
+    python -m vllm_bitcpm.demo --train              # train the tiny model first (about 15 min, once)
     python -m vllm_bitcpm.demo openbmb/BitCPM4-0.5B # or any local path / hub id
 
 The plugin is picked up through its entry point, exactly as in ``vllm serve``; nothing here
-enables it. Synthetic weights are random, so their text is gibberish: the point is the path.
+enables it. The trained model (``python -m vllm_bitcpm.testing.qat_training``, a ternary QAT
+MiniCPM trained on Python's own documentation) writes readable, Python-docs-like text; without
+it the demo makes a synthetic checkpoint whose random weights write gibberish.
 """
 
 from __future__ import annotations
@@ -14,12 +17,21 @@ import contextlib
 import os
 import tempfile
 
+from vllm_bitcpm.testing.qat_training import DEFAULT_CHECKPOINT
+
+SYNTHETIC_PROMPT = "The capital of France is"
+TRAINED_PROMPT = "The for statement is used to"
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="local checkpoint or hub id (default: synthetic)")
+    parser.add_argument("model", nargs="?", help="local checkpoint or hub id (default: the trained tiny model "
+                                                 "if cached, else a synthetic one)")
+    parser.add_argument("--trained", default=DEFAULT_CHECKPOINT, help="where the trained tiny model is cached")
+    parser.add_argument("--train", action="store_true", help="train the tiny model into --trained if missing")
+    parser.add_argument("--synthetic", action="store_true", help="use a synthetic checkpoint even if a trained one exists")
     parser.add_argument("--shape", default="small", help="synthetic shape: tiny, small, bitcpm4-0.5b")
-    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--prompt", help=f"default: {TRAINED_PROMPT!r} for the trained model, else {SYNTHETIC_PROMPT!r}")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args(argv)
@@ -27,20 +39,34 @@ def main(argv: list[str] | None = None) -> None:
     # One process and a small KV cache: seconds to start on a laptop CPU.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with contextlib.ExitStack() as cleanup:
-        model = args.model
+        model, synthetic_weights = args.model, False
+        if model is None and not args.synthetic:
+            from vllm_bitcpm.testing.qat_training import ensure_trained, read_record
+
+            if args.train:
+                ensure_trained(args.trained)
+            if read_record(args.trained) is not None:
+                model = args.trained
+                args.prompt = args.prompt or TRAINED_PROMPT
+                print(f"demo: the trained ternary model in {model}")
+            else:
+                print(f"demo: no trained model in {args.trained} (`python -m vllm_bitcpm.demo --train` trains one, "
+                      "about 15 min once); using random synthetic weights, whose text is gibberish")
         if model is None:
             from vllm_bitcpm import synthetic
 
+            synthetic_weights = True
             # Removed on exit, error or not: the demo leaves nothing behind.
             scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bitcpm-demo-"))
             model = os.path.join(scratch, f"synthetic-{args.shape}")
             print(f"demo: writing a synthetic BitCPM checkpoint ({args.shape}) to {model} (removed at exit)")
             synthetic.write_checkpoint(model, shape=args.shape, granularity="per_row")
-        _run(model, args)
+        _run(model, args, synthetic_weights)
 
 
-def _run(model: str, args) -> None:
+def _run(model: str, args, synthetic_weights: bool) -> None:
     """Load ``model`` through vLLM (the plugin comes in by its entry point), report packing, generate."""
+    prompt = args.prompt or SYNTHETIC_PROMPT
     from vllm import LLM, SamplingParams
 
     from vllm_bitcpm.sidebyside import inspect_linear_layers
@@ -63,9 +89,9 @@ def _run(model: str, args) -> None:
         f" dense linear weights {layers['dense_bytes'] / 2**20:.1f} MiB"
     )
     # Random synthetic weights may pick the end-of-sequence token first; show tokens anyway.
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=args.model is None)
-    (output,) = llm.generate([args.prompt], params, use_tqdm=False)
-    print(f"demo: prompt:     {args.prompt!r}\ndemo: generation: {output.outputs[0].text!r}")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=synthetic_weights)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
+    print(f"demo: prompt:     {prompt!r}\ndemo: generation: {output.outputs[0].text!r}")
 
 
 if __name__ == "__main__":

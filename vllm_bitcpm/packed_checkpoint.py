@@ -18,6 +18,7 @@ Pure PyTorch + safetensors: no vLLM import, usable on machines without an engine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -249,26 +250,77 @@ def _usual_file_mode(path: Path) -> None:
     path.chmod(0o666 & ~_UMASK)
 
 
-def _gptq_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tensor, group_size: int,
-                  name: str) -> dict[str, torch.Tensor]:
-    """One ternary weight as GPTQ tensors (qweight, fp16 scales, qzeros, g_idx), losslessly."""
-    k = matrix.in_features
-    half = scales.to(torch.float16)
-    if not ternary.exact_in(scales, torch.float16):
-        raise ConversionError(f"{name}: its ternary scales are not exact in fp16, which GPTQ stores; "
-                              "use the bitcpm format for this checkpoint")
-    regrouped = ternary.TernaryMatrix(codes=matrix.codes, scales=half, group_size=k if group_size < 0 else group_size,
-                                      in_features=k)
-    try:
-        gptq = int4_repack.from_ternary(regrouped, name=name)
-    except int4_repack.Int4RepackError as err:
-        raise ConversionError(str(err)) from None
+def _gptq_qweight(matrix: ternary.TernaryMatrix, name: str) -> torch.Tensor:
+    """GPTQ's packed nibbles (``t + 8``) of one ternary weight; they do not depend on its scales."""
     if matrix.out_features % int4_repack.PACK_FACTOR:
         raise ConversionError(f"{name}: {matrix.out_features} output rows; GPTQ's qzeros pack whole words of "
                               f"{int4_repack.PACK_FACTOR} rows")
+    try:
+        return int4_repack.from_ternary(matrix, name=name).qweight
+    except int4_repack.Int4RepackError as err:
+        raise ConversionError(str(err)) from None
+
+
+def _gptq_scale_tensors(module: str, matrix: ternary.TernaryMatrix, scales: torch.Tensor, group_size: int,
+                        name: str) -> dict[str, torch.Tensor]:
+    """The rest of one weight's GPTQ tensors (fp16 scales, qzeros, g_idx) at the model's group size."""
+    k = matrix.in_features
+    if not ternary.exact_in(scales, torch.float16):
+        raise ConversionError(f"{name}: its ternary scales are not exact in fp16, which GPTQ stores; "
+                              "use the bitcpm format for this checkpoint")
     g = k if group_size < 0 else group_size
-    return {module + ".qweight": gptq.qweight, module + ".scales": gptq.scales, module + ".qzeros": gptq.qzeros(),
+    gptq = int4_repack.GPTQWeights(torch.empty(0, dtype=torch.int32), scales.to(torch.float16).t().contiguous(),
+                                   int4_repack.gptq_group_size(g, k), k)
+    return {module + ".scales": gptq.scales, module + ".qzeros": gptq.qzeros(),
             module + ".g_idx": torch.arange(k, dtype=torch.int32) // g}
+
+
+class _ShardWriter:
+    """Safetensors shards written as they fill: at most one shard's tensors are held in memory.
+
+    Files are named ``model-0000i.safetensors`` while open and renamed to HF's
+    ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors`` when there is one) at ``close``.
+    """
+
+    def __init__(self, out: Path, shard_bytes: int) -> None:
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.out / file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Flush, rename, write the index where there are several shards; returns the weight map."""
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, (file, names) in enumerate(self.files):
+            final = ("model.safetensors" if len(self.files) == 1 else
+                     f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors")
+            (self.out / file).rename(self.out / final)
+            _usual_file_mode(self.out / final)
+            weight_map.update({name: final for name in names})
+        if len(self.files) > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2) + "\n")
+        return weight_map
 
 
 def _gptq_config(group_size: int, granularity: dict[str, int]) -> dict:
@@ -310,8 +362,6 @@ def convert(
     :mod:`vllm_bitcpm.int4_repack`), which stock vLLM, SGLang or transformers' GPTQ backends
     serve without this plugin.
     """
-    from safetensors.torch import load_file, save_file
-
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     keep_dense = list(keep_dense or [])
@@ -335,74 +385,64 @@ def convert(
     if not tokenizer_files:
         raise ConversionError(f"{source}: no tokenizer (tokenizer.json / tokenizer.model / tokenizer_config.json)")
 
-    # Pass 1: pack every linear weight, remember everything else as is (one file at a time).
-    packed: dict[str, tuple[ternary.TernaryMatrix, ternary.ScaleLayout]] = {}
-    others: dict[str, torch.Tensor] = {}
-    dense_modules: list[str] = []
-    source_bytes = 0
-    tensors = iter_tensors(source)
-    if progress:
-        from tqdm import tqdm
-
-        tensors = tqdm(tensors, desc="packing", unit="tensor")
-    for name, tensor, path in tensors:
-        source_bytes += tensor.numel() * tensor.element_size()
-        if is_linear_weight(name, tensor) and not _kept_dense(name, keep_dense):
-            try:
-                matrix, (layout,) = ternary.quantize_exact(tensor, name=name)
-            except ternary.NotTernaryError as err:
-                raise ConversionError(
-                    f"{path.name}: {err}. Keep such layers dense with --keep-dense "
-                    f"'{_module_of(name)}' (a glob), or check that {src} is a ternary BitCPM checkpoint"
-                ) from None
-            packed[name] = (matrix, layout)
-        else:
-            if is_linear_weight(name, tensor):
-                dense_modules.append(_module_of(name))
-            others[name] = tensor
-    if not packed:
-        raise ConversionError(f"{source}: no ternary linear weights to pack")
-
-    group_size = min(
-        (layout.group_size for _, layout in packed.values() if layout.granularity is ternary.Granularity.PER_GROUP),
-        default=-1,
-    )
-    granularity: dict[str, int] = {}
-    tensors_out: dict[str, torch.Tensor] = dict(others)
-    for name, (matrix, layout) in packed.items():
-        granularity[layout.describe()] = granularity.get(layout.describe(), 0) + 1
-        scales = matrix.scales
-        if group_size > 0:
-            scales = _regroup(scales, matrix.group_size, matrix.in_features, group_size)
-        module = _module_of(name)
-        if format == "gptq":
-            tensors_out.update(_gptq_tensors(module, matrix, scales, group_size, name))
-        else:
-            tensors_out[module + CODES_SUFFIX] = matrix.codes
-            tensors_out[module + SCALES_SUFFIX] = scales.contiguous()
-
-    # Write shards and the index.
+    # One pass, streaming: each source tensor is read, packed and handed to the shard writer, which
+    # holds at most one shard; only the packed layers' scales (1/64 of the source or less) wait for
+    # the end, because one group size serves the whole model (the finest found).
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors_out):
-        nbytes = tensors_out[name].numel() * tensors_out[name].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors_out[name]
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata={"format": "pt"})
-        _usual_file_mode(out / file)
-        weight_map.update({name: file for name in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors_out.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    try:  # a failed conversion leaves no partial destination behind
+        writer = _ShardWriter(out, shard_bytes)
+        packed: dict[str, tuple[ternary.TernaryMatrix, ternary.ScaleLayout]] = {}
+        dense_modules: list[str] = []
+        source_bytes = 0
+        tensors = iter_tensors(source)
+        if progress:
+            from tqdm import tqdm
+
+            tensors = tqdm(tensors, desc="packing", unit="tensor")
+        for name, tensor, path in tensors:
+            source_bytes += tensor.numel() * tensor.element_size()
+            if is_linear_weight(name, tensor) and not _kept_dense(name, keep_dense):
+                try:
+                    matrix, (layout,) = ternary.quantize_exact(tensor, name=name)
+                except ternary.NotTernaryError as err:
+                    raise ConversionError(
+                        f"{path.name}: {err}. Keep such layers dense with --keep-dense "
+                        f"'{_module_of(name)}' (a glob), or check that {src} is a ternary BitCPM checkpoint"
+                    ) from None
+                module = _module_of(name)
+                if format == "gptq":  # the nibbles do not depend on the scales' grouping
+                    writer.add(module + ".qweight", _gptq_qweight(matrix, name))
+                else:
+                    writer.add(module + CODES_SUFFIX, matrix.codes)
+                packed[name] = (dataclasses.replace(matrix, codes=matrix.codes[:, :0]), layout)  # keep the scales only
+            else:
+                if is_linear_weight(name, tensor):
+                    dense_modules.append(_module_of(name))
+                writer.add(name, tensor)
+            del tensor
+        if not packed:
+            raise ConversionError(f"{source}: no ternary linear weights to pack")
+
+        group_size = min(
+            (layout.group_size for _, layout in packed.values() if layout.granularity is ternary.Granularity.PER_GROUP),
+            default=-1,
         )
+        granularity: dict[str, int] = {}
+        for name, (matrix, layout) in packed.items():
+            granularity[layout.describe()] = granularity.get(layout.describe(), 0) + 1
+            scales = matrix.scales
+            if group_size > 0:
+                scales = _regroup(scales, matrix.group_size, matrix.in_features, group_size)
+            module = _module_of(name)
+            if format == "gptq":
+                for key, value in _gptq_scale_tensors(module, matrix, scales, group_size, name).items():
+                    writer.add(key, value)
+            else:
+                writer.add(module + SCALES_SUFFIX, scales.contiguous())
+        weight_map = writer.close()
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
     # Everything that is not a weight file is copied unchanged (tokenizer, generation config, code).
     for item in source.iterdir():
@@ -418,25 +458,31 @@ def convert(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    # Verify: every packed tensor unpacks to its source, bit for bit.
-    written: dict[str, torch.Tensor] = {}
-    for file in sorted(set(weight_map.values())):
-        written.update(load_file(str(out / file)))
-    for name, tensor, _ in iter_tensors(source):
-        module = _module_of(name)
-        if name in packed:
-            k = tensor.shape[1]
-            g = k if group_size < 0 else group_size
-            if format == "gptq":  # nibbles - 8, times the fp16 scales
-                restored = int4_repack.GPTQWeights(written[module + ".qweight"], written[module + ".scales"], group_size,
-                                                   k).dequantize(tensor.dtype)
-            else:
-                restored = ternary.dequantize(written[module + CODES_SUFFIX], written[module + SCALES_SUFFIX], g, k,
-                                              tensor.dtype)
-            if not torch.equal(restored, tensor):
-                raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
-        elif not torch.equal(written[name], tensor):
-            raise ConversionError(f"verification failed: {name} differs from the source")
+    # Verify: every packed tensor unpacks to its source, bit for bit (one tensor at a time).
+    with contextlib.ExitStack() as files:
+        from safetensors import safe_open
+
+        handles = {file: files.enter_context(safe_open(str(out / file), framework="pt"))
+                   for file in sorted(set(weight_map.values()))}
+
+        def written(key: str) -> torch.Tensor:
+            return handles[weight_map[key]].get_tensor(key)
+
+        for name, tensor, _ in iter_tensors(source):
+            module = _module_of(name)
+            if name in packed:
+                k = tensor.shape[1]
+                g = k if group_size < 0 else group_size
+                if format == "gptq":  # nibbles - 8, times the fp16 scales
+                    restored = int4_repack.GPTQWeights(written(module + ".qweight"), written(module + ".scales"),
+                                                       group_size, k).dequantize(tensor.dtype)
+                else:
+                    restored = ternary.dequantize(written(module + CODES_SUFFIX), written(module + SCALES_SUFFIX), g,
+                                                  k, tensor.dtype)
+                if not torch.equal(restored, tensor):
+                    raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
+            elif not torch.equal(written(name), tensor):
+                raise ConversionError(f"verification failed: {name} differs from the source")
 
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
     return {
@@ -449,6 +495,6 @@ def convert(
         "dense_linear_layers": dense_modules,
         "group_size": group_size,
         "granularity": granularity,
-        "shards": len(shards),
+        "shards": len(set(weight_map.values())),
     }
 

@@ -46,6 +46,7 @@ __all__ = [
     "linear_weight_names",
     "resolve_shape",
     "write_checkpoint",
+    "write_model_files",
 ]
 
 GRANULARITIES = ("per_tensor", "per_row", "per_group", "dense")
@@ -248,6 +249,8 @@ def linear_weight_names(num_hidden_layers: int, shape: ModelShape | None = None)
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
 TOKENIZER_VOCAB_TARGET = 1024
+#: Largest safetensors shard write_checkpoint writes (the 3B and 8B shapes come in several).
+DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -384,11 +387,11 @@ def _training_lines() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_TARGET):
-    """Train the byte-level BPE tokenizer; deterministic and takes well under a second.
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_TARGET, lines: Iterable[str] | None = None):
+    """Train the byte-level BPE tokenizer on ``lines`` (default: the embedded corpus); deterministic.
 
     Prepends ``<s>`` like the real MiniCPM tokenizer does, so prompts served
-    by vLLM start with BOS.
+    by vLLM start with BOS. Well under a second on the embedded corpus.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -402,7 +405,7 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_TARGET):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_lines(), trainer=trainer)
+    tokenizer.train_from_iterator(_training_lines() if lines is None else lines, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A",
         pair="<s> $A <s> $B",
@@ -771,6 +774,31 @@ def _write_safetensors(
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def _write_shards(out: pathlib.Path, specs: list[_TensorSpec], dtype: torch.dtype, seed: int, progress: bool,
+                  shard_bytes: int) -> None:
+    """``model.safetensors``, or shards of at most ``shard_bytes`` and their index."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[_TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec.shape) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    if len(shards) == 1:
+        _write_safetensors(out / "model.safetensors", specs, dtype, seed, progress)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / name, shard, dtype, seed, progress)
+        weight_map.update({spec.name: name for spec in shard})
+    total = sum(math.prod(spec.shape) for spec in specs) * itemsize
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 # ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
@@ -803,8 +831,13 @@ def write_checkpoint(
     original_max_position_embeddings: int = 32768,
     overwrite: bool = False,
     progress: bool | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> pathlib.Path:
     """Write a synthetic BitCPM4 checkpoint directory and return its path.
+
+    Weights are generated and written one tensor at a time, in safetensors shards of at most
+    ``shard_bytes`` (HF's ``model-0000i-of-0000n.safetensors`` plus index, as big releases ship),
+    so an 8B checkpoint never has to fit in memory.
 
     The shape's ``architecture`` picks MiniCPM (default), MiniCPM3 (MLA) or Llama tensors
     and config.
@@ -842,9 +875,22 @@ def write_checkpoint(
     )
     if progress is None:
         progress = model_shape.hidden_size >= 1024
-    _write_safetensors(out / "model.safetensors", specs, dtype, seed, progress)
-    config = _config(model_shape, vocab_size, dtype, original_max_position_embeddings)
-    if model_shape.architecture == "minicpm":  # minicpm3 and llama configs are built into transformers
+    _write_shards(out, specs, dtype, seed, progress, shard_bytes)
+    write_model_files(out, model_shape, vocab_size, dtype, tokenizer, original_max_position_embeddings)
+    return out
+
+
+def write_model_files(
+    out: pathlib.Path, shape: ModelShape, vocab_size: int, dtype: torch.dtype, tokenizer,
+    original_max_position_embeddings: int = 32768,
+) -> dict:
+    """Everything of a checkpoint directory but its weights: config, remote config code, tokenizer.
+
+    Shared with ``vllm_bitcpm.testing.qat_training``, whose trained checkpoints must look
+    exactly like these. Returns the config written.
+    """
+    config = _config(shape, vocab_size, dtype, original_max_position_embeddings)
+    if shape.architecture == "minicpm":  # minicpm3 and llama configs are built into transformers
         _write_remote_config_code(out, config)
     _write_json(out / "config.json", config)
     _write_json(
@@ -852,7 +898,7 @@ def write_checkpoint(
         {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID},
     )
     _write_tokenizer_files(out, tokenizer)
-    return out
+    return config
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
@@ -868,6 +914,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--original-max-position-embeddings", type=int, default=32768)
     parser.add_argument("--intermediate-size", type=int,
                         help="override the shape's intermediate size (e.g. 200)")
+    parser.add_argument("--shard-gib", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
+                        help="largest safetensors shard (GiB)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
@@ -879,7 +927,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
         group_size=args.group_size, dtype=getattr(torch, args.dtype), seed=args.seed,
         non_ternary_layers=args.non_ternary_layer,
         original_max_position_embeddings=args.original_max_position_embeddings,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, shard_bytes=int(args.shard_gib * 2**30),
     )
     print(path)
 
