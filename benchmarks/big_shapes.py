@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, available_threads, engine_settings, machine, machine_name, run_sides,
+    RESULTS_DIR, available_threads, engine_settings, isa_class, machine, machine_name, run_sides,
 )
 
 SHAPES = ("bitcpm-cann-3b", "bitcpm-cann-8b")
@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=available_threads())
     parser.add_argument("--granularity", default="per_group", choices=["per_row", "per_group"])
     parser.add_argument("--no-stock", action="store_true", help="plugin side only")
+    parser.add_argument("--reuse-engines", action="store_true",
+                        help="measure checkpoints and conversions only; keep each shape's engine figures from --out")
     parser.add_argument("--smoke", action="store_true", help="CI: the tiny shape, tiny workloads, small shards")
     parser.add_argument("--out", default=str(RESULTS_DIR / "big_shapes.json"))
     args = parser.parse_args(argv)
@@ -194,9 +196,13 @@ def decode_bytes(weights: dict, config: dict) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def measure_shape(args, shape: str, bandwidth: float) -> dict:
+def measure_shape(args, shape: str, bandwidth: float, previous: dict | None = None) -> dict:
     source = source_checkpoint(args, shape)
     packed, conversion = convert_measured(args, source)
+    if previous is not None:
+        # The engines stay as measured; the conversion says where and when it ran instead.
+        conversion.update(time=time.strftime("%Y-%m-%dT%H:%M:%S"), machine=machine())
+        return {**previous, "conversion": conversion}
     config = json.loads((source / "config.json").read_text())
     settings = {**engine_settings(argparse.Namespace(dtype="bfloat16", trust_remote_code=True, compile=False,
                                                      kv_cache_gib=0.25, gpu_memory_utilization=None)),
@@ -219,6 +225,9 @@ def measure_shape(args, shape: str, bandwidth: float) -> dict:
         print(f"{shape}: {side} engine on {model}", flush=True)
         (result,) = run_sides(str(model), settings, {"throughput": spec}, [side], args.threads).values()
         flat = throughput.flat_metrics(result)
+        # One decode token after a single 252-token prefill is a difference of two noisy seconds-long
+        # timings at these sizes: not a measurement, so it is left out.
+        flat.pop("long_prompt_decode_ms_per_token", None)
         if "error" not in flat:
             flat["decode_bytes_per_token"] = decode_bytes(result["weights"], config)
             flat["bandwidth_ceiling_tok_per_s"] = bandwidth / flat["decode_bytes_per_token"]
@@ -230,19 +239,28 @@ def measure_shape(args, shape: str, bandwidth: float) -> dict:
             "memory_available_bytes": available}
 
 
+def _measured_on(conversion: dict) -> str:
+    """Where a conversion ran when a --reuse-engines run measured it apart from the engines."""
+    m = conversion.get("machine")
+    if not m:
+        return "the engines' machine"
+    return f"{conversion['time'][:10]}, {m['cpu']}, {m['cores']} cores, {isa_class(m)}"
+
+
 def markdown(result: dict) -> str:
     gib = 2**30
     lines = [f"Machine: {machine_name(result['machine'])}; {result['threads']} model thread(s); read bandwidth "
              f"{result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (torch sum over 1 GiB, same threads)", "",
              "**Converter memory** (`vllm-bitcpm convert`, streaming):", "",
              "| shape | source (GiB, shards) | packed (GiB, shards) | time (s) | peak anon. RSS (GiB) | peak RSS incl. "
-             "mapped file pages (GiB) | bound: source shard + packed shard + layer (GiB) |",
-             "|---|---|---|---|---|---|---|"]
+             "mapped file pages (GiB) | bound: source shard + packed shard + layer (GiB) | measured on |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["shapes"]:
         c = r["conversion"]
         lines.append(f"| {r['shape']} | {c['source_bytes'] / gib:.2f} ({c['source_shards']}) | "
                      f"{c['packed_bytes'] / gib:.2f} ({c['packed_shards']}) | {c['seconds']:.0f} | "
-                     f"{c['peak_anon_bytes'] / gib:.2f} | {c['vm_hwm_bytes'] / gib:.2f} | {c['bound_bytes'] / gib:.2f} |")
+                     f"{c['peak_anon_bytes'] / gib:.2f} | {c['vm_hwm_bytes'] / gib:.2f} | {c['bound_bytes'] / gib:.2f} | "
+                     f"{_measured_on(c)} |")
     lines += ["", "**Engines** (eager, bf16; decode-only tok/s; ceiling = read bandwidth / bytes per decode step):", "",
               "| shape | side | decode b1 (tok/s) | decode b4 (tok/s) | prefill 252 (tok/s) | weights (GiB) | "
               "peak RSS (GiB) | bytes per step (GiB) | ceiling (tok/s) | b1 / ceiling |",
@@ -269,14 +287,27 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    bandwidth = read_bandwidth(args.threads)
-    shapes = [measure_shape(args, shape, bandwidth) for shape in args.shapes]
+    previous = {}
+    if args.reuse_engines:
+        earlier = json.loads(Path(args.out).read_text())
+        bandwidth = earlier["read_bandwidth_bytes_per_s"]
+        previous = {r["shape"]: r for r in earlier["shapes"]}
+    else:
+        bandwidth = read_bandwidth(args.threads)
+    shapes = [measure_shape(args, shape, bandwidth, previous.get(shape)) for shape in args.shapes]
     engine_info = next((s.get("engine_platform") for r in shapes for s in r["sides"].values()
                         if s.get("engine_platform")), None)
-    result = {"kind": "bitcpm-big-shapes", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "command": " ".join(["python", "benchmarks/big_shapes.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine(engine_info), "threads": args.threads, "read_bandwidth_bytes_per_s": bandwidth,
-              "spec": SMOKE_SPEC if args.smoke else SPEC, "shapes": shapes}
+    command = " ".join(["python", "benchmarks/big_shapes.py", *(argv if argv is not None else sys.argv[1:])])
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if args.reuse_engines:
+        # Engines keep the machine and run they were measured on; the conversions say where they ran.
+        measured = {r["shape"]: r for r in shapes}
+        shapes = [measured.pop(r["shape"], r) for r in earlier["shapes"]] + list(measured.values())
+        result = {**earlier, "shapes": shapes, "conversions_command": command}
+    else:
+        result = {"kind": "bitcpm-big-shapes", "time": now, "command": command,
+                  "machine": machine(engine_info), "threads": args.threads, "read_bandwidth_bytes_per_s": bandwidth,
+                  "spec": SMOKE_SPEC if args.smoke else SPEC, "shapes": shapes}
     print(markdown(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

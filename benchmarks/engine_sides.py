@@ -310,9 +310,23 @@ def first_engine_info(sides: dict[str, dict]) -> dict[str, Any]:
     return next((r["engine_platform"] for r in sides.values() if "engine_platform" in r), {})
 
 
+def isa_class(info: dict) -> str | None:
+    """The CPU's class as the kernels see it (from /proc/cpuinfo flags), e.g. "AVX512-BF16" or "AVX2-only"."""
+    flags = set(info.get("isa") or ())
+    if not flags or info.get("arch") not in (None, "x86_64", "AMD64"):
+        return None
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    if "avx512f" in flags:
+        return "AVX512"
+    return "AVX2-only" if "avx2" in flags else "no AVX2"
+
+
 def machine_name(info: dict) -> str:
-    """One line naming the machine, for titles and the README block."""
+    """One line naming the machine and its ISA class, for titles and the README block."""
     device = info.get("device") or f"{info['cpu']}, {info['cores']} cores"
+    isa = isa_class(info)
+    device = f"{device}, {isa}" if isa and not info.get("device") else device
     return f"{device} ({info.get('platform', '?')}; vLLM {info['vllm']}, torch {info['torch']})"
 
 

@@ -89,15 +89,14 @@ def run(args) -> dict:
     os.environ["VLLM_BITCPM_BACKEND"] = args.backend  # read by the plugin side's engine (stock ignores it)
     model = resolve_model(args)
     settings = engine_settings(args, full_vocab_logprobs=True)
-    prompts, prompt_ids, tokenizer = accuracy.prepare(args, model)
-    ref_logits = accuracy.reference_logits(model, prompt_ids, args.reference, args.reference_dtype,
-                                           settings["max_model_len"], args.trust_remote_code)
+    inputs = accuracy.prepare(args, model, settings["max_model_len"])
+    ref_logits, ref_nll = accuracy.reference_for(args, model, inputs, settings["max_model_len"])
     spec = {**throughput.measure_spec(args, throughput.model_vocab(model)), "batch": BATCH}
     with tqdm(total=len(args.sides), unit="engine", desc="engines") as bar:
-        sides = run_sides(model, settings, {"accuracy": {"prompts": prompt_ids}, "throughput": spec}, args.sides,
+        sides = run_sides(model, settings, {"accuracy": inputs.engine_spec(), "throughput": spec}, args.sides,
                           threads=1, progress=bar)
     info = {**machine(first_engine_info(sides)), "device": device}
-    acc = accuracy.assemble(model, settings, args, prompts, prompt_ids, ref_logits, sides, tokenizer, info)
+    acc = accuracy.assemble(model, settings, args, inputs, ref_logits, sides, info, ref_nll)
     tp = throughput.assemble(model, settings, spec, {"1": {s: throughput.flat_metrics(r) for s, r in sides.items()}},
                              info)
     return {"kind": "bitcpm-gpu-check", "device": device, "cpu_stand_in": args.cpu, "smoke": args.smoke,

@@ -235,3 +235,23 @@ def test_inspect_lists_layers_a_conversion_kept_dense(checkpoint_dir, tmp_path):
     kept = reports["model.layers.1.mlp.down_proj.weight"]
     assert len(reports) == 28 and not kept.ternary and kept.dtype == "bfloat16"
     assert sum(not r.ternary for r in reports.values()) == 1
+
+
+def test_safetensors_reader_matches_safe_open_without_mapping_the_file(checkpoint_dir, tmp_path):
+    """convert reads through SafetensorsReader (pread copies) so its RSS is what it holds."""
+    from safetensors import safe_open
+
+    from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, SafetensorsReader
+
+    path = checkpoint_dir / "per_row" / "model.safetensors"
+    reader = SafetensorsReader(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(reader.keys()) == sorted(f.keys())
+        for name in f.keys():
+            assert torch.equal(reader.get_tensor(name), f.get_tensor(name)), name
+    assert str(path) not in Path("/proc/self/maps").read_text()  # safe_open is closed; the reader maps nothing
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    last = max(reader.keys(), key=lambda n: reader.header[n]["data_offsets"][1])
+    with pytest.raises(CorruptCheckpointError, match=f"{last}.*cut short"):
+        SafetensorsReader(cut).get_tensor(last)

@@ -1,4 +1,5 @@
-"""Cheap integrity checks of safetensors files (header and sizes only, no tensor data read).
+"""Cheap integrity checks of safetensors files (header and sizes only, no tensor data read),
+and a reader that copies one tensor at a time without memory-mapping the file.
 
 A truncated download or a corrupt header otherwise surfaces as a parser error from deep inside
 the loader that names neither the file nor the tensor.
@@ -59,6 +60,53 @@ def validate_safetensors(path: str | os.PathLike) -> None:
                 f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) = {expected} "
                 f"bytes but occupies {end - begin}"
             )
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header without ``__metadata__``, offset of the data section) of a safetensors file."""
+    with Path(path).open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+class SafetensorsReader:
+    """``keys()`` / ``get_tensor(name)`` like ``safetensors.safe_open``, but each tensor is read
+    into its own buffer with ``pread``: nothing of the file is mapped into the process, so a
+    converter's RSS is what it holds, not every page of a multi-GB shard it has touched."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.header, self.data_start = read_header(self.path)
+
+    def keys(self) -> list[str]:
+        return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])
+
+    def get_tensor(self, name: str):
+        import torch
+
+        info = self.header[name]
+        dtype = getattr(torch, _TORCH_DTYPE_NAMES.get(info["dtype"], "?"), None)
+        if dtype is None:
+            raise CorruptCheckpointError(f"{self.path}: tensor '{name}' has dtype {info['dtype']}, "
+                                         "which this reader does not handle")
+        begin, end = info["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            view = memoryview(buffer.numpy())
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CorruptCheckpointError(f"{self.path}: tensor '{name}' is cut short (truncated file)")
+                got += n
+        return buffer.view(dtype).reshape(info["shape"])
+
+
+_TORCH_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "F16": "float16",
+                      "BF16": "bfloat16", "I32": "int32", "F32": "float32", "I64": "int64", "F64": "float64"}
 
 
 def validate_local_checkpoint(model: str | os.PathLike) -> None:

@@ -18,7 +18,6 @@ Pure PyTorch + safetensors: no vLLM import, usable on machines without an engine
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from vllm_bitcpm import int4_repack, ternary
-from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, validate_safetensors
+from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, SafetensorsReader, validate_safetensors
 
 CODES_SUFFIX = ".weight_codes"
 SCALES_SUFFIX = ".weight_scales"
@@ -75,15 +74,13 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(name, tensor, file) for every tensor, one file in memory at a time."""
+    """(name, tensor, file) for every tensor, one tensor in memory at a time."""
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
             validate_safetensors(path)
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name), path
+            reader = SafetensorsReader(path)  # copies, no mmap: RSS stays what the converter holds
+            for name in reader.keys():
+                yield name, reader.get_tensor(name), path
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -459,30 +456,26 @@ def convert(
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # Verify: every packed tensor unpacks to its source, bit for bit (one tensor at a time).
-    with contextlib.ExitStack() as files:
-        from safetensors import safe_open
+    readers = {file: SafetensorsReader(out / file) for file in sorted(set(weight_map.values()))}
 
-        handles = {file: files.enter_context(safe_open(str(out / file), framework="pt"))
-                   for file in sorted(set(weight_map.values()))}
+    def written(key: str) -> torch.Tensor:
+        return readers[weight_map[key]].get_tensor(key)
 
-        def written(key: str) -> torch.Tensor:
-            return handles[weight_map[key]].get_tensor(key)
-
-        for name, tensor, _ in iter_tensors(source):
-            module = _module_of(name)
-            if name in packed:
-                k = tensor.shape[1]
-                g = k if group_size < 0 else group_size
-                if format == "gptq":  # nibbles - 8, times the fp16 scales
-                    restored = int4_repack.GPTQWeights(written(module + ".qweight"), written(module + ".scales"),
-                                                       group_size, k).dequantize(tensor.dtype)
-                else:
-                    restored = ternary.dequantize(written(module + CODES_SUFFIX), written(module + SCALES_SUFFIX), g,
-                                                  k, tensor.dtype)
-                if not torch.equal(restored, tensor):
-                    raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
-            elif not torch.equal(written(name), tensor):
-                raise ConversionError(f"verification failed: {name} differs from the source")
+    for name, tensor, _ in iter_tensors(source):
+        module = _module_of(name)
+        if name in packed:
+            k = tensor.shape[1]
+            g = k if group_size < 0 else group_size
+            if format == "gptq":  # nibbles - 8, times the fp16 scales
+                restored = int4_repack.GPTQWeights(written(module + ".qweight"), written(module + ".scales"),
+                                                   group_size, k).dequantize(tensor.dtype)
+            else:
+                restored = ternary.dequantize(written(module + CODES_SUFFIX), written(module + SCALES_SUFFIX), g,
+                                              k, tensor.dtype)
+            if not torch.equal(restored, tensor):
+                raise ConversionError(f"verification failed: {name} does not unpack to the source tensor")
+        elif not torch.equal(written(name), tensor):
+            raise ConversionError(f"verification failed: {name} differs from the source")
 
     packed_bytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
     return {
