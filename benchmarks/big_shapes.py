@@ -8,9 +8,9 @@ Per shape (synthetic BitCPM-CANN shapes at full depth, vllm_bitcpm.synthetic):
 
 1. the fake-quantized bf16 checkpoint, written shard by shard (cached under --checkpoints);
 2. ``vllm-bitcpm convert`` in a child: wall time and peak memory, sampled from /proc (anonymous
-   memory, which the converter allocates, and file pages of the memory-mapped shards, which the
-   kernel can drop) and the kernel's own high-water mark, beside the bound it should respect:
-   one source shard + one output shard + one layer;
+   memory, which the converter allocates, and file pages, which the kernel can drop; the
+   converter reads with pread, so it maps no shard) and the kernel's own high-water mark,
+   beside the bound it should respect: one source shard + one output shard + one layer;
 3. engines (benchmarks/engine_sides.py, one child each, eager, bf16): stock vLLM on the
    fake-quantized checkpoint where its weights fit in this machine's memory (else the JSON says
    why not), vLLM + bitcpm on the packed one: decode tok/s at batch 1 and 4, prefill of a

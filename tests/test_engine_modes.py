@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
+from vllm_bitcpm.ops import cpu as cpu_kernel
 from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing import isa_mode
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy
 
@@ -39,5 +45,27 @@ def test_torch_compile_mode_traces_the_op(checkpoint_dir, prompt_ids, plugin_run
     assert "Warming up model for the compilation" in run["log"]
     identical, excused, failures = compare_greedy(plugin_runs["per_row"], run)
     FIGURES.append(f"compiled vs eager: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
+    assert not failures, failures
+    assert len(_outputs(run)) == len(prompt_ids)
+
+
+def test_torch_compile_in_avx2_mode_matches_eager(checkpoint_dir, prompt_ids, plugin_runs, tmp_path):
+    """Compiled engine with every library on its AVX2 paths (what an AVX2-only CPU runs): inductor
+    generates AVX2 code around the plugin's AVX2 kernels and must still give the eager tokens."""
+    if not cpu_kernel.AVAILABLE or "avx2" not in cpu_kernel.isa_available():
+        pytest.skip("needs the CPU kernel and an AVX2 CPU")
+    avx2_env = {k: v for k, v in isa_mode.isa_mode_env("avx2").items() if os.environ.get(k) != v}
+    (run,) = run_engine_jobs(
+        [_per_row_job(checkpoint_dir, prompt_ids, llm_kwargs={"enforce_eager": False})],
+        plugin=True,
+        extra_env={**avx2_env, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")},
+    )
+    assert "Warming up model for the compilation" in run["log"]
+    (paths,) = run["isa_paths"]  # one worker
+    assert paths["bitcpm_kernel_isa"] == "avx2" and paths["aten_cpu_capability"] == "AVX2", paths
+    assert paths["vllm_c_library"] == "_C_AVX2", paths
+    identical, excused, failures = compare_greedy(plugin_runs["per_row"], run)
+    FIGURES.append(f"compiled (AVX2 mode) vs eager: {identical}/{len(prompt_ids)} identical, {excused} near-ties excused")
     assert not failures, failures
     assert len(_outputs(run)) == len(prompt_ids)

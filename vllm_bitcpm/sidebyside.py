@@ -138,6 +138,13 @@ def inspect_linear_layers(model) -> dict[str, Any]:
     }
 
 
+def worker_isa_paths(model) -> dict[str, Any]:
+    """The ISA paths the worker holding ``model`` runs (vllm_bitcpm.testing.isa_mode.isa_paths)."""
+    from vllm_bitcpm.testing.isa_mode import isa_paths
+
+    return isa_paths()
+
+
 def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     import gc
 
@@ -173,11 +180,13 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         ]
         results.append({"token_ids": list(completion.token_ids), "logprobs": steps})
     layers = llm.apply_model(inspect_linear_layers)
+    isa = llm.apply_model(worker_isa_paths)
     del llm
     gc.collect()
     return {
         "outputs": results,
         "layers": layers,
+        "isa_paths": isa,
         "load_seconds": load_seconds,
         "generate_seconds": generate_seconds,
     }
