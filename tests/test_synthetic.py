@@ -278,6 +278,7 @@ def test_tokenizer_is_fast_deterministic_and_sized():
     first = synthetic.build_tokenizer()
     assert time.perf_counter() - start < 5
     assert first.to_str() == synthetic.build_tokenizer().to_str()
+    assert synthetic.default_tokenizer().to_str() == first.to_str()  # what write_checkpoint uses
     assert 1000 <= first.get_vocab_size() <= 2000
     assert [first.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
     assert None not in (first.token_to_id("<|im_start|>"), first.token_to_id("<|im_end|>"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ __all__ = [
     "TEST_PROMPTS",
     "ModelShape",
     "build_tokenizer",
+    "default_tokenizer",
     "linear_weight_names",
     "resolve_shape",
     "write_checkpoint",
@@ -414,6 +416,20 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_TARGET, lines: Iterable[st
     for token_id, token in enumerate(SPECIAL_TOKENS[:3]):
         assert tokenizer.token_to_id(token) == token_id, token
     return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer_json() -> str:
+    """The default tokenizer, trained once per process (it is deterministic, and every synthetic
+    checkpoint a test session or benchmark writes uses it)."""
+    return build_tokenizer().to_str()
+
+
+def default_tokenizer():
+    """A fresh copy of :func:`build_tokenizer`'s default result, without training it again."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_default_tokenizer_json())
 
 
 def _write_tokenizer_files(out_dir: pathlib.Path, tokenizer) -> None:
@@ -863,7 +879,7 @@ def write_checkpoint(
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer()
+    tokenizer = default_tokenizer()
     tokenizer_size = tokenizer.get_vocab_size()
     vocab_size = model_shape.vocab_size or 64 * math.ceil(tokenizer_size / 64)
     if vocab_size < tokenizer_size:
