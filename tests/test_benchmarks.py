@@ -289,3 +289,19 @@ def test_big_shapes_smoke(tmp_path):
         assert s["decode_bytes_per_token"] > 0 and s["bandwidth_ceiling_tok_per_s"] > 0
     assert shape["sides"]["plugin"]["decode_bytes_per_token"] < shape["sides"]["stock"]["decode_bytes_per_token"]
     assert "Converter memory" in proc.stdout and "b1 / ceiling" in proc.stdout
+
+
+def test_machine_names_carry_the_isa_class_the_kernels_see():
+    """Benchmark titles name the CPU class (from /proc/cpuinfo flags), so an AVX2-only figure is
+    never read as an AVX512 one."""
+    engine_sides = _benchmark_module("engine_sides")
+    base = {"cpu": "AMD EPYC", "cores": 2, "arch": "x86_64", "platform": "cpu", "vllm": "0.32.0", "torch": "2.13.0"}
+    cases = {("avx2", "avx512f", "avx512_bf16"): "AVX512-BF16", ("avx2", "avx512f"): "AVX512",
+             ("avx2", "fma"): "AVX2-only", ("sse4_2",): "no AVX2"}
+    for flags, expected in cases.items():
+        info = {**base, "isa": list(flags)}
+        assert engine_sides.isa_class(info) == expected
+        assert engine_sides.machine_name(info).startswith(f"AMD EPYC, 2 cores, {expected} (cpu;")
+    assert engine_sides.isa_class({**base, "arch": "aarch64", "isa": ["asimd"]}) is None
+    assert engine_sides.isa_class({**base, "isa": []}) is None
+    assert engine_sides.machine_name({**base, "device": "NVIDIA H200"}).startswith("NVIDIA H200 (cpu;")
