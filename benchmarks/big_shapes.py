@@ -9,8 +9,9 @@ Per shape (synthetic BitCPM-CANN shapes at full depth, vllm_bitcpm.synthetic):
 1. the fake-quantized bf16 checkpoint, written shard by shard (cached under --checkpoints);
 2. ``vllm-bitcpm convert`` in a child: wall time and peak memory, sampled from /proc (anonymous
    memory, which the converter allocates, and file pages, which the kernel can drop; the
-   converter reads with pread, so it maps no shard) and the kernel's own high-water mark,
-   beside the bound it should respect: one source shard + one output shard + one layer;
+   converter copies tensors out with positioned reads, so it maps no shard) and the kernel's
+   own high-water mark, beside the bound it should respect: one source shard + one output
+   shard + one layer;
 3. engines (benchmarks/engine_sides.py, one child each, eager, bf16): stock vLLM on the
    fake-quantized checkpoint where its weights fit in this machine's memory (else the JSON says
    why not), vLLM + bitcpm on the packed one: decode tok/s at batch 1 and 4, prefill of a
@@ -298,14 +299,13 @@ def main(argv=None) -> None:
     engine_info = next((s.get("engine_platform") for r in shapes for s in r["sides"].values()
                         if s.get("engine_platform")), None)
     command = " ".join(["python", "benchmarks/big_shapes.py", *(argv if argv is not None else sys.argv[1:])])
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
     if args.reuse_engines:
         # Engines keep the machine and run they were measured on; the conversions say where they ran.
         measured = {r["shape"]: r for r in shapes}
         shapes = [measured.pop(r["shape"], r) for r in earlier["shapes"]] + list(measured.values())
         result = {**earlier, "shapes": shapes, "conversions_command": command}
     else:
-        result = {"kind": "bitcpm-big-shapes", "time": now, "command": command,
+        result = {"kind": "bitcpm-big-shapes", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
                   "machine": machine(engine_info), "threads": args.threads, "read_bandwidth_bytes_per_s": bandwidth,
                   "spec": SMOKE_SPEC if args.smoke else SPEC, "shapes": shapes}
     print(markdown(result))

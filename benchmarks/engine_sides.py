@@ -319,9 +319,8 @@ def isa_class(info: dict) -> str | None:
 
 def machine_name(info: dict) -> str:
     """One line naming the machine and its ISA class, for titles and the README block."""
-    device = info.get("device") or f"{info['cpu']}, {info['cores']} cores"
     isa = isa_class(info)
-    device = f"{device}, {isa}" if isa and not info.get("device") else device
+    device = info.get("device") or f"{info['cpu']}, {info['cores']} cores" + (f", {isa}" if isa else "")
     return f"{device} ({info.get('platform', '?')}; vLLM {info['vllm']}, torch {info['torch']})"
 
 

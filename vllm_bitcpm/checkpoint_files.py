@@ -23,8 +23,9 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated or unreadable."""
 
 
-def validate_safetensors(path: str | os.PathLike) -> None:
-    """Raise :class:`CorruptCheckpointError` naming ``path`` (and the tensor) if it is damaged."""
+def validate_safetensors(path: str | os.PathLike) -> tuple[dict, int]:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` (and the tensor) if it is damaged;
+    else return (header without ``__metadata__``, offset of the data section)."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -60,25 +61,19 @@ def validate_safetensors(path: str | os.PathLike) -> None:
                 f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) = {expected} "
                 f"bytes but occupies {end - begin}"
             )
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(header without ``__metadata__``, offset of the data section) of a safetensors file."""
-    with Path(path).open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
     header.pop("__metadata__", None)
     return header, 8 + header_len
 
 
 class SafetensorsReader:
     """``keys()`` / ``get_tensor(name)`` like ``safetensors.safe_open``, but each tensor is read
-    into its own buffer with ``pread``: nothing of the file is mapped into the process, so a
-    converter's RSS is what it holds, not every page of a multi-GB shard it has touched."""
+    into its own buffer (seek + readinto): nothing of the file is mapped into the process, so a
+    converter's RSS is what it holds, not every page of a multi-GB shard it has touched. The file
+    is validated on opening (:func:`validate_safetensors`), so damage names the file and tensor."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.header, self.data_start = read_header(self.path)
+        self.header, self.data_start = validate_safetensors(self.path)
 
     def keys(self) -> list[str]:
         return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])

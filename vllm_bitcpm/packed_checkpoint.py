@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from vllm_bitcpm import int4_repack, ternary
-from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, SafetensorsReader, validate_safetensors
+from vllm_bitcpm.checkpoint_files import CorruptCheckpointError, SafetensorsReader
 
 CODES_SUFFIX = ".weight_codes"
 SCALES_SUFFIX = ".weight_scales"
@@ -77,8 +77,7 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(name, tensor, file) for every tensor, one tensor in memory at a time."""
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
-            validate_safetensors(path)
-            reader = SafetensorsReader(path)  # copies, no mmap: RSS stays what the converter holds
+            reader = SafetensorsReader(path)  # validates; copies, no mmap: RSS stays what the converter holds
             for name in reader.keys():
                 yield name, reader.get_tensor(name), path
         else:
