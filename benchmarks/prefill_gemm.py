@@ -1,14 +1,22 @@
-"""Why exact prefill trails stock: the GEMM each side runs, per BitCPM4-0.5B layer shape, one thread.
+"""The ternary op against stock's own GEMM at every batch size: M sweep per BitCPM4-0.5B layer shape.
 
-    .venv/bin/python benchmarks/prefill_gemm.py                # this CPU's paths (bf16 on AVX512-BF16)
-    .venv/bin/python benchmarks/prefill_gemm.py --isa avx2     # AVX2 mode: float32, as stock float32 runs there
+    .venv/bin/python benchmarks/prefill_gemm.py                # this CPU's paths
+    .venv/bin/python benchmarks/prefill_gemm.py --isa avx2     # AVX2 mode on an AVX512 machine
+    .venv/bin/python benchmarks/prefill_gemm.py --tokens 16 252 --threads 1   # a subset
 
-For 128 and 252 tokens, milliseconds (median of 7) of: the plugin's op on the packed layer (exact
-prefill: row tiles dequantized, then at::mm); at::mm on the dense weight; vLLM's oneDNN matmul on
-weights prepacked once (what stock runs); the same with the oneDNN handle built per call (what
-reusing it on dequantized tiles would cost). dtype bf16 natively, float32 in AVX2 mode (oneDNN has
-no bf16 matmul on AVX2; stock float32 is the fast stock there). Writes
-benchmarks/results/prefill_gemm[-avx2].json.
+For M in {1, 2, 4, ..., 512} tokens, each of the 4 layer shapes (qkv, o, gate_up, down) and 1 and 2
+threads, the milliseconds of:
+  * plugin:      bitcpm::ternary_linear, exact mode, x in the engine dtype (bf16) on the packed layer;
+  * plugin-int8: the same op with int8 activations;
+  * stock-bf16:  what stock vLLM runs for a bf16 layer: vLLM's oneDNN matmul on weights prepacked
+                 once where oneDNN has a bf16 matmul (AVX512-BF16, AMX); elsewhere vLLM falls back
+                 to torch's F.linear, which is what runs here then;
+  * stock-fp32:  vLLM's oneDNN matmul on fp32 weights prepacked once (a float32 engine; the fast
+                 stock on CPUs without bf16 dot products).
+Sides are interleaved per repetition and each figure is the minimum of the repetitions (this
+machine's timings are noisy; the minimum is the least disturbed run). Writes JSON (with the ISA
+paths that ran) to benchmarks/results/prefill_gemm-<ISA class>[-avx2mode].json and a plot of stock's
+time over the plugin's against M (higher is better for the plugin) beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,71 +31,158 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from engine_sides import RESULTS_DIR  # noqa: E402
+from engine_sides import RESULTS_DIR, isa_class, machine  # noqa: E402
 
 SHAPES = {"qkv": (1280, 1024), "o": (1024, 1024), "gate_up": (8192, 1024), "down": (1024, 4096)}
-TOKENS = (128, 252)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SIDES = ("plugin", "plugin-int8", "stock-bf16", "stock-fp32")
 
 
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def min_ms_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Minimum wall time in ms of each callable, the callables run in turn each repetition."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 1000 * t for name, t in best.items()}
+
+
+def layer_operands(n: int, k: int):
+    """A BitCPM4-like layer: ternary weights times a bf16 per-row scale, packed and dense."""
+    import torch
+
+    from vllm_bitcpm import ternary
+
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    scales = (torch.rand(n, 1, generator=gen) * 0.05 + 0.01).to(torch.bfloat16).float()
+    weight = (torch.randint(-1, 2, (n, k), generator=gen) * scales).to(torch.bfloat16)
+    packed, _ = ternary.quantize_exact(weight)
+    return packed, weight
+
+
+def measure(tokens, threads_list, repeats: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    import vllm._custom_ops as vllm_ops
+    from tqdm import tqdm
+
+    from vllm_bitcpm import ops
+
+    # vLLM's own test for a bf16 oneDNN matmul (vllm/model_executor/layers/utils.py uses the same
+    # question): without bf16 dot products it falls back to F.linear.
+    onednn_bf16 = bool(torch.cpu._is_avx512_bf16_supported()) or bool(getattr(torch.cpu, "_is_amx_tile_supported",
+                                                                               lambda: False)())
+    rows = []
+    layers = {name: layer_operands(n, k) for name, (n, k) in SHAPES.items()}
+    handles = {}
+    work = [(t, m, name) for t in threads_list for m in tokens for name in SHAPES]
+    for threads, m, name in tqdm(work, desc="prefill_gemm", unit="case"):
+        torch.set_num_threads(threads)
+        packed, weight = layers[name]
+        if (threads, name, "fp32") not in handles:
+            # A oneDNN handle keeps the thread count of its first call (a handle made and first run
+            # at one thread stays at one thread after set_num_threads(2)), as in an engine, whose
+            # thread count never changes: one handle per thread count.
+            handles[threads, name, "fp32"] = vllm_ops.create_onednn_mm(weight.float().t(), 32)
+            if onednn_bf16:
+                handles[threads, name, "bf16"] = vllm_ops.create_onednn_mm(weight.t(), 32)
+        gen = torch.Generator().manual_seed(m)
+        x = torch.randn(m, weight.shape[1], generator=gen).to(torch.bfloat16)
+        x32 = x.float()
+        h32 = handles[threads, name, "fp32"]
+        fns = {
+            "plugin": lambda: ops.ternary_linear(x, packed.codes, packed.scales, packed.group_size),
+            "plugin-int8": lambda: ops.ternary_linear(x, packed.codes, packed.scales, packed.group_size,
+                                                      int8_activations=True),
+            "stock-fp32": lambda: vllm_ops.onednn_mm(h32, x32, None),
+        }
+        if onednn_bf16:
+            h16 = handles[threads, name, "bf16"]
+            fns["stock-bf16"] = lambda: vllm_ops.onednn_mm(h16, x, None)
+        else:
+            fns["stock-bf16"] = lambda: F.linear(x, weight)
+        ms = min_ms_interleaved(fns, repeats if m <= 64 else max(3, repeats // 2))
+        rows.append({"threads": threads, "tokens": m, "layer": name, "N": weight.shape[0], "K": weight.shape[1],
+                     "stock_bf16_call": "onednn_mm (prepacked)" if onednn_bf16 else "F.linear (no oneDNN bf16 here)",
+                     **{f"{side}_ms": ms[side] for side in SIDES}})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per threads and M: the 4 layers' times summed (one transformer layer's linears)."""
+    out = []
+    for threads in sorted({r["threads"] for r in rows}):
+        for m in sorted({r["tokens"] for r in rows}):
+            sel = [r for r in rows if r["threads"] == threads and r["tokens"] == m]
+            tot = {side: sum(r[f"{side}_ms"] for r in sel) for side in SIDES}
+            out.append({"threads": threads, "tokens": m, **{f"{s}_ms": v for s, v in tot.items()},
+                        "plugin_over_stock_bf16": tot["plugin"] / tot["stock-bf16"],
+                        "plugin_over_stock_fp32": tot["plugin"] / tot["stock-fp32"],
+                        "int8_over_plugin": tot["plugin-int8"] / tot["plugin"]})
+    return out
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads_list = sorted({r["threads"] for r in rows})
+    fig, axes = plt.subplots(1, len(threads_list), figsize=(6 * len(threads_list), 4.5), squeeze=False)
+    for ax, threads in zip(axes[0], threads_list):
+        for name in SHAPES:
+            sel = sorted((r for r in rows if r["threads"] == threads and r["layer"] == name), key=lambda r: r["tokens"])
+            ms = [r["tokens"] for r in sel]
+            ax.plot(ms, [r["stock-fp32_ms"] / r["plugin_ms"] for r in sel], marker="o", label=f"{name} vs stock fp32")
+            ax.plot(ms, [r["stock-bf16_ms"] / r["plugin_ms"] for r in sel], marker="x", linestyle="--",
+                    label=f"{name} vs stock bf16")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(2.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("tokens (M)")
+        ax.set_ylabel("stock time / plugin time (exact)")
+        ax.set_title(f"{threads} thread(s)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--isa", choices=["native", "avx2"], default="native")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from vllm_bitcpm.testing import isa_mode
 
     isa_mode.ensure_mode(args.isa)
-
-    import torch
-    import vllm._custom_ops as vllm_ops
-
-    from vllm_bitcpm import ops, ternary
-
-    torch.set_num_threads(1)
-    dtype = torch.float32 if args.isa == "avx2" else torch.bfloat16
-    rows = []
-    for m in TOKENS:
-        for name, (n, k) in SHAPES.items():
-            gen = torch.Generator().manual_seed(0)
-            scales = (torch.rand(n, 1, generator=gen) * 0.05 + 0.01).to(torch.bfloat16).float()
-            weight = (torch.randint(-1, 2, (n, k), generator=gen) * scales).to(torch.bfloat16)
-            packed, _ = ternary.quantize_exact(weight)
-            dense = weight.to(dtype)
-            x = torch.randn(m, k, generator=gen).to(dtype)
-            handle = vllm_ops.create_onednn_mm(dense.t(), 32)
-            rows.append({
-                "tokens": m, "layer": name, "N": n, "K": k, "dtype": str(dtype).removeprefix("torch."),
-                "ternary_op_ms": median_ms(lambda: ops.ternary_linear(x, packed.codes, packed.scales,
-                                                                      packed.group_size)),
-                "dense_at_mm_ms": median_ms(lambda: torch.mm(x, dense.t())),
-                "onednn_prepacked_ms": median_ms(lambda: vllm_ops.onednn_mm(handle, x, None)),
-                "onednn_handle_per_call_ms": median_ms(
-                    lambda: vllm_ops.onednn_mm(vllm_ops.create_onednn_mm(dense.t(), 32), x, None)),
-            })
-    keys = ("ternary_op_ms", "dense_at_mm_ms", "onednn_prepacked_ms", "onednn_handle_per_call_ms")
-    print("| tokens | layer | " + " | ".join(keys) + " | prepacked / ternary |")
-    print("|" + "---|" * (len(keys) + 3))
-    for r in rows:
-        print(f"| {r['tokens']} | {r['layer']} | " + " | ".join(f"{r[k]:.2f}" for k in keys)
-              + f" | {r['onednn_prepacked_ms'] / r['ternary_op_ms']:.2f} |")
-    for m in TOKENS:
-        total = {k: sum(r[k] for r in rows if r["tokens"] == m) for k in keys}
-        print(f"{m} tokens, 4 layers: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items())
-              + f"; prepacked / ternary {total['onednn_prepacked_ms'] / total['ternary_op_ms']:.2f}")
-    out = args.out or RESULTS_DIR / ("prefill_gemm.json" if args.isa == "native" else f"prefill_gemm-{args.isa}.json")
-    out.write_text(json.dumps({"isa_paths": isa_mode.isa_paths(), "threads": 1, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    info = machine()
+    rows = measure(args.tokens, args.threads, args.repeats)
+    summary = summarize(rows)
+    print("| threads | M | plugin ms | int8 ms | stock bf16 ms | stock fp32 ms | plugin/bf16 | plugin/fp32 | int8/plugin |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['threads']} | {s['tokens']} | {s['plugin_ms']:.2f} | {s['plugin-int8_ms']:.2f} | "
+              f"{s['stock-bf16_ms']:.2f} | {s['stock-fp32_ms']:.2f} | {s['plugin_over_stock_bf16']:.2f} | "
+              f"{s['plugin_over_stock_fp32']:.2f} | {s['int8_over_plugin']:.2f} |")
+    cls = (isa_class(info) or info.get("arch") or "cpu").replace(" ", "-")
+    name = f"prefill_gemm-{cls}" + ("-avx2mode" if args.isa == "avx2" else "")
+    out = args.out or RESULTS_DIR / f"{name}.json"
+    payload = {"machine": info, "isa_paths": isa_mode.isa_paths(), "repeats": args.repeats,
+               "date": time.strftime("%Y-%m-%d"), "summary": summary, "rows": rows}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    plot(rows, f"ternary op vs stock's GEMM, BitCPM4-0.5B layers, {cls}" + (" (AVX2 mode)" if args.isa == "avx2" else ""),
+         out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

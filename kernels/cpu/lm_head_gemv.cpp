@@ -18,16 +18,15 @@
 // Paths, chosen at run time from what the CPU supports: bf16_gemv: AVX512-BF16 (`vdpbf16ps`, 32
 // MACs per instruction), AVX2 (bf16 widened to fp32 by a 16-bit shift, FMA), scalar; int8_gemv:
 // AVX512-VNNI (`vpmovsxbw` + `vpdpwssd`), AVX2 (`vpmovsxbw` + `vpmaddwd`), scalar. Rows are
-// split across ATen's threads.
+// split across ATen's threads. The SIMD paths are x86 only (BITCPM_X86, cpu_features.h); other
+// CPUs run the scalar twins.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
-#include "cpu_features.h"
+#include "cpu_features.h"  // <immintrin.h> on x86
 
 #include <algorithm>
 #include <array>
@@ -72,6 +71,22 @@ void gemv_scalar(const Gemv& g, int64_t n0, int64_t n1) {
   }
 }
 
+// Token blocks of 8/4/2/1 over a tile of rows small enough to stay in L1, so W streams from
+// memory once whatever M is. `rows(std::integral_constant<int, MB>, m0, t0, t1)` runs one block.
+template <class Rows>
+void for_token_blocks(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, Rows&& rows) {
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) rows(std::integral_constant<int, 8>{}, m0, t0, t1);
+    if (M - m0 >= 4) { rows(std::integral_constant<int, 4>{}, m0, t0, t1); m0 += 4; }
+    if (M - m0 >= 2) { rows(std::integral_constant<int, 2>{}, m0, t0, t1); m0 += 2; }
+    if (M - m0 >= 1) rows(std::integral_constant<int, 1>{}, m0, t0, t1);
+  }
+}
+
+#if BITCPM_X86
 __attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
@@ -170,21 +185,6 @@ void gemv_bf16_rows(const Gemv& g, int64_t m0, int64_t n0, int64_t n1) {
   gemv_bf16_t<MB, A>(g, m0, n0, n1);
 }
 
-// Token blocks of 8/4/2/1 over a tile of rows small enough to stay in L1, so W streams from
-// memory once whatever M is. `rows(std::integral_constant<int, MB>, m0, t0, t1)` runs one block.
-template <class Rows>
-void for_token_blocks(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, Rows&& rows) {
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes));
-  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
-    const int64_t t1 = std::min(n1, t0 + tile);
-    int64_t m0 = 0;
-    for (; m0 + 8 <= M; m0 += 8) rows(std::integral_constant<int, 8>{}, m0, t0, t1);
-    if (M - m0 >= 4) { rows(std::integral_constant<int, 4>{}, m0, t0, t1); m0 += 4; }
-    if (M - m0 >= 2) { rows(std::integral_constant<int, 2>{}, m0, t0, t1); m0 += 2; }
-    if (M - m0 >= 1) rows(std::integral_constant<int, 1>{}, m0, t0, t1);
-  }
-}
-
 void gemv_bf16(const Gemv& g, int64_t n0, int64_t n1) {
   for_token_blocks(g.M, 2 * g.K, n0, n1, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
     gemv_bf16_rows<decltype(mb)::value>(g, m0, t0, t1);
@@ -198,6 +198,10 @@ void gemv_avx2(const Gemv& g, int64_t n0, int64_t n1) {
     gemv_avx2_t<MB, A>(g, m0, t0, t1);
   });
 }
+#else   // not x86: never picked (cpu_has_* are false), see cpu_features.h
+void gemv_bf16(const Gemv&, int64_t, int64_t) { BITCPM_NO_SIMD_PATH("bf16_gemv avx512bf16"); }
+void gemv_avx2(const Gemv&, int64_t, int64_t) { BITCPM_NO_SIMD_PATH("bf16_gemv avx2"); }
+#endif  // BITCPM_X86
 
 // An ISA path of a kernel: its name (the ops' `isa` argument), whether this CPU runs it, its
 // routine. A kernel lists its paths best first; the scalar one runs everywhere.
@@ -268,6 +272,7 @@ void int8_gemv_scalar(const Int8Gemv& g, int64_t n0, int64_t n1) {
   }
 }
 
+#if BITCPM_X86
 // AVX2: 16 weights per `vpmovsxbw` + `vpmaddwd` + `vpaddd`; the K tail is scalar.
 template <int MB>
 __attribute__((target("avx2,fma"))) void int8_gemv_avx2_t(const Int8Gemv& g, int64_t m0, int64_t n0, int64_t n1) {
@@ -363,6 +368,10 @@ void int8_gemv_avx2(const Int8Gemv& g, int64_t n0, int64_t n1) {
     int8_gemv_avx2_t<decltype(mb)::value>(g, m0, t0, t1);
   });
 }
+#else   // not x86: never picked (cpu_has_* are false), see cpu_features.h
+void int8_gemv_avx512(const Int8Gemv&, int64_t, int64_t) { BITCPM_NO_SIMD_PATH("int8_gemv avx512vnni"); }
+void int8_gemv_avx2(const Int8Gemv&, int64_t, int64_t) { BITCPM_NO_SIMD_PATH("int8_gemv avx2"); }
+#endif  // BITCPM_X86
 
 inline bool cpu_has_avx512_vnni() { return cpu_has_avx512() && cpu_has_vnni(); }
 

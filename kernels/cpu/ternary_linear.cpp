@@ -5,16 +5,20 @@
 //
 // The whole file is compiled for the baseline ISA (no -mavx2); SIMD code lives in functions
 // marked __attribute__((target(...))) and is only called after a run-time CPU check, so the
-// same binary runs (scalar path) on CPUs without AVX2.
+// same binary runs (scalar path) on CPUs without AVX2. That code is x86 only (BITCPM_X86,
+// cpu_features.h): on other CPUs the file builds with the scalar path alone.
 //
 // Paths (kernels/README.md has the instruction counts and measured figures):
-//   exact mode, decode (M < kGemmMinM): per row, per 32-bit lane of a 32-byte code load,
+//   exact mode, decode (M < kFusedGemmMinM; bf16 path: M < kGemmMinM): per row, per 32-bit lane of a 32-byte code load,
 //     `vpsrld` by (8*byte + 2*shift) then `vpermps` from an 8-entry table {-s,0,s,0,-s,0,s,0}
 //     gives 8 scaled float weights (2 instructions per 8 weights), then one FMA per token.
 //     The weights come out in a permuted element order, so x is permuted once per call
 //     (position 32*s + 8*b + l of a block holds element 32*s + 4*l + b).
-//   exact mode, prefill (M >= kGemmMinM): a tile of rows is dequantized (same 2-instruction
-//     trick) into a thread-local float buffer, then at::mm does the GEMM on the tile.
+//   exact mode, several tokens (M >= kFusedGemmMinM), fp32 compute (AVX2, AVX512, and fp32
+//     activations anywhere): the ternary GEMM of ternary_gemm.cpp: each thread decodes 16-row
+//     tiles (same 2-instruction trick) into a buffer in L1/L2 and runs PyTorch's brgemm (a oneDNN
+//     ukernel) on it for every tile of tokens. The scalar path keeps the old prefill: tiles of
+//     rows dequantized for at::mm.
 //   exact mode, bf16 activations on AVX512-BF16 CPUs (the engine's dtype for BitCPM4):
 //     decode: `vpermw` (plus a `vpsrlw` every other step) turns a 64-byte code load into 32
 //     bf16 weights {-1,0,1} per step, `vdpbf16ps` multiplies them with 32 bf16 activations
@@ -31,9 +35,9 @@
 #include <torch/library.h>
 
 #include <Python.h>
-#include <immintrin.h>
 
-#include "cpu_features.h"
+#include "cpu_features.h"  // <immintrin.h> on x86
+#include "ternary_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -48,6 +52,9 @@ namespace {
 constexpr int64_t kBlockWeights = 128;
 constexpr int64_t kBlockBytes = 32;
 constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
+// exact mode, fp32 compute: at or above this many tokens the ternary GEMM (ternary_gemm.cpp) runs
+// instead of the per-row decode loops (benchmarks/prefill_gemm.py sweeps M).
+constexpr int64_t kFusedGemmMinM = 8;
 constexpr float kInvNumerator = 127.0f;
 constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
 // Calls below this many multiply-adds stay on the calling thread. Every BitCPM4-0.5B layer is
@@ -232,13 +239,6 @@ void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs,
 // ------------------------------------------------------------------------------------------
 // AVX2 + FMA path
 
-__attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
 // Permute x (M, K) into the SIMD order, zero padded to Kp: position 32*s + 8*b + l of a block
 // holds element 32*s + 4*l + b (the order in which lane l of a 32-bit code word yields codes).
 void permute_x(const Ctx& c, float* xp) {
@@ -263,6 +263,14 @@ void permute_x(const Ctx& c, float* xp) {
       }
     }
   });
+}
+
+#if BITCPM_X86
+__attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
 // Dequantize a 32-weight chunk (chunk s of the block whose code word is d) into 4 vectors of 8
@@ -612,6 +620,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_av
     }
   }
 }
+#else   // not x86: never picked (best_isa() is kScalar), see cpu_features.h
+template <int MB, bool WholeRow>
+void exact_rows_avx2_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_NO_SIMD_PATH("exact_rows_avx2_t"); }
+void dequant_rows_avx2(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
+  BITCPM_NO_SIMD_PATH("dequant_rows_avx2");
+}
+template <int MB>
+void int8_rows_avx2_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_NO_SIMD_PATH("int8_rows_avx2_t"); }
+void quantize_row_avx2(const Ctx&, const float*, int8_t*, int32_t*, float*) {
+  BITCPM_NO_SIMD_PATH("quantize_row_avx2");
+}
+void lane_qsums_avx2(const Ctx&, const int8_t*, int32_t*) { BITCPM_NO_SIMD_PATH("lane_qsums_avx2"); }
+template <int MB, bool WholeRow>
+void exact_rows_avx512_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_NO_SIMD_PATH("exact_rows_avx512_t"); }
+#endif  // BITCPM_X86
 
 // ------------------------------------------------------------------------------------------
 // AVX512-BF16 path: exact mode with bf16 activations (the engine's dtype for BitCPM4), decode.
@@ -657,6 +680,7 @@ void permute_x_bf16(const Ctx& c, const uint16_t* x, uint16_t* xb) {
   }
 }
 
+#if BITCPM_X86
 // Codes of chunk ch of a row (64 bytes = two blocks); a row with an odd block count ends in a
 // one-block chunk, read as 32 bytes with the upper words zero (code 0 meets x padding 0).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i load_chunk(const Ctx& c, const uint8_t* row,
@@ -949,6 +973,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void in
     }
   }
 }
+#else   // not x86: never picked (best_isa() is kScalar), see cpu_features.h
+template <int MB>
+void exact_rows_bf16_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_NO_SIMD_PATH("exact_rows_bf16_t"); }
+void exact_rows_bf16_one_token(const Ctx&, int64_t, int64_t, int64_t, float*) {
+  BITCPM_NO_SIMD_PATH("exact_rows_bf16_one_token");
+}
+template <int MB>
+void exact_row_pairs_bf16_t(const Ctx&, int64_t, int64_t, int64_t, float*) {
+  BITCPM_NO_SIMD_PATH("exact_row_pairs_bf16_t");
+}
+void dequant_rows_bf16(const Ctx&, int64_t, int64_t, uint16_t*) { BITCPM_NO_SIMD_PATH("dequant_rows_bf16"); }
+void dequant_rows_avx512(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
+  BITCPM_NO_SIMD_PATH("dequant_rows_avx512");
+}
+template <int MB>
+void int8_rows_avx512_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_NO_SIMD_PATH("int8_rows_avx512_t"); }
+#endif  // BITCPM_X86
 
 // ------------------------------------------------------------------------------------------
 // Drivers
@@ -1105,7 +1146,16 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           permute_x(c, xp.data_ptr<float>());
           c.xp = xp.data_ptr<float>();
         }
-        if (Mrows >= kGemmMinM) {
+        if (isa != Isa::kScalar && Mrows >= kFusedGemmMinM && ternary_gemm_fp32_available()) {
+          // Several tokens: the ternary GEMM (ternary_gemm.cpp) decodes each 16-row tile once into
+          // L1/L2 and runs brgemm on it for every tile of tokens. Products x * (t*s) are exact in
+          // fp32 as in the dense layer, so only the summation order differs.
+          ternary_gemm_fp32(Mrows, N, c.Kp, c.xp, c.y, [&](int64_t a, int64_t b, float* out, int64_t ld) {
+            std::vector<float> sbuf(G);
+            if (isa >= Isa::kAvx512) dequant_rows_avx512(c, a, b, out, ld, sbuf.data());
+            else dequant_rows_avx2(c, a, b, out, ld, sbuf.data());
+          });
+        } else if (Mrows >= kGemmMinM) {
           // Prefill: dequantize tiles of rows to fp32 and let at::mm (MKL/oneDNN sgemm) do the
           // GEMM. 16-bit activations were widened to fp32 exactly, and their products with t*s
           // are exact in fp32 as in a 16-bit GEMM with fp32 accumulation, so the result is the
@@ -1225,8 +1275,7 @@ std::vector<std::string> isa_available() {
 // "avx512bf16+vnni" and the like: the path name, plus VNNI where an AVX512 path can use it.
 std::string isa_label(Isa isa) {
   std::string s = isa_name(isa);
-  __builtin_cpu_init();
-  if (isa >= Isa::kAvx512 && __builtin_cpu_supports("avx512vnni")) s += "+vnni";
+  if (isa >= Isa::kAvx512 && cpu_supports_vnni()) s += "+vnni";
   return s;
 }
 

@@ -10,7 +10,9 @@ The instruction set is picked at run time from what the running CPU supports, ca
 ``VLLM_BITCPM_ISA`` (``auto``, ``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) so that an
 AVX512 machine can run, test and time what an AVX2-only CPU runs. When the
 extension was not built (no torch at build time, or a build failure), import still succeeds
-and the reference is used; either way the choice is logged once.
+and the reference is used; either way the choice is logged once. Where the best path is
+"scalar" (no AVX2; no SIMD path yet on Arm, ppc64le, s390x) the kernel loads, but
+``VLLM_BITCPM_BACKEND=auto`` does not give it layers (vllm_bitcpm/backends.py).
 """
 
 from __future__ import annotations
@@ -79,9 +81,13 @@ def _log_once() -> None:
                         ISA, ISA_ENV, isa_cap(), CPU_ISA)
         else:
             logger.info("bitcpm: CPU ternary kernel loaded (ISA path: %s)", ISA)
+        if ISA == "scalar":
+            logger.info("bitcpm: the CPU kernel has only scalar loops here, so VLLM_BITCPM_BACKEND=auto leaves "
+                        "ternary layers to vLLM's int4 kernel or stock's dense layers (=native runs the loops)")
     else:
         logger.info(
-            "bitcpm: CPU ternary kernel not built (%s); CPU uses the PyTorch reference",
+            "bitcpm: CPU ternary kernel not built (%s); CPU uses the PyTorch reference "
+            "(`pip install -v` shows why the build was skipped or failed)",
             _load_error,
         )
 
