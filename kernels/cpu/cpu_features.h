@@ -2,10 +2,11 @@
 // lm_head_gemv.cpp). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
 // functions with __attribute__((target(...))) that run only after these checks pass.
 //
-// That SIMD code is x86 only: it is compiled where BITCPM_X86 is 1 and nowhere else, so the
-// kernels build on aarch64 (Ascend hosts, Graviton), ppc64le and s390x too. There the checks below
-// say "no SIMD", every dispatch picks the scalar twin, and each file's SIMD entry points are
-// stand-ins that are never called (BITCPM_NO_SIMD_PATH).
+// SIMD code is compiled only for its architecture: x86 code where BITCPM_X86 is 1, the NEON
+// paths of the ternary kernel (ternary_linear_neon.cpp) where BITCPM_ARM64 is 1, so the kernels
+// build on x86, aarch64 (Ascend hosts, Graviton), ppc64le and s390x alike. Elsewhere the checks
+// below say "no", the dispatch never picks those paths, and each file's SIMD entry points are
+// stand-ins that are never called (BITCPM_NO_SIMD_PATH). ppc64le and s390x run the scalar twin.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -15,6 +16,15 @@
 #define BITCPM_X86 0
 #endif
 
+#if defined(__aarch64__)
+#define BITCPM_ARM64 1
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#else
+#define BITCPM_ARM64 0
+#endif
+
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -22,21 +32,36 @@
 
 namespace bitcpm_cpu {
 
-// VLLM_BITCPM_ISA caps the ISA paths every kernel may pick (scalar < avx2 < avx512 < avx512bf16;
-// unset or "auto": no cap), read once per process. It lets an AVX512 machine run what an
-// AVX2-only CPU runs (README, "AVX2 mode"). vllm_bitcpm/ops/cpu.py rejects other values with a
-// message before the kernels are first called; here an unknown value means no cap.
-enum IsaLevel { kLevelScalar = 0, kLevelAvx2 = 1, kLevelAvx512 = 2, kLevelAvx512Bf16 = 3 };
+// VLLM_BITCPM_ISA caps the ISA paths every kernel may pick, read once per process. The paths of
+// one architecture are ordered: x86 scalar < avx2 < avx512 < avx512bf16, aarch64 scalar < neon <
+// neon-dotprod; unset or "auto": no cap. It lets an AVX512 machine run what an AVX2-only CPU runs
+// (README, "AVX2 mode"), and an Arm one its NEON path without sdot or its scalar twin.
+// vllm_bitcpm/ops/cpu.py rejects other values, and the other architecture's names, with a
+// message before the kernels are first called; here those mean no cap.
+enum IsaLevel {
+  kLevelScalar = 0,
+  kLevelAvx2 = 1,
+  kLevelAvx512 = 2,
+  kLevelAvx512Bf16 = 3,
+  kLevelNeon = 1,
+  kLevelNeonDotprod = 2,
+  kLevelNoCap = 3,
+};
 
 inline int isa_cap() {
   static const int cap = [] {
     const char* v = std::getenv("VLLM_BITCPM_ISA");
-    if (v == nullptr) return int(kLevelAvx512Bf16);
+    if (v == nullptr) return int(kLevelNoCap);
     const std::string s(v);
     if (s == "scalar") return int(kLevelScalar);
+#if BITCPM_X86
     if (s == "avx2") return int(kLevelAvx2);
     if (s == "avx512") return int(kLevelAvx512);
-    return int(kLevelAvx512Bf16);
+#elif BITCPM_ARM64
+    if (s == "neon") return int(kLevelNeon);
+    if (s == "neon-dotprod") return int(kLevelNeonDotprod);
+#endif
+    return int(kLevelNoCap);
   }();
   return cap;
 }
@@ -71,6 +96,23 @@ inline bool cpu_supports_avx512bf16() { return false; }
 inline bool cpu_supports_vnni() { return false; }
 #endif
 
+// aarch64: Advanced SIMD (NEON) and the ARMv8.2 dot product (`sdot`), as the kernel reports them
+// in the auxiliary vector (HWCAP_ASIMD, HWCAP_ASIMDDP; the values are the Linux ABI's, spelled
+// out for C libraries whose headers predate them). Elsewhere false.
+#if BITCPM_ARM64 && defined(__linux__)
+inline bool cpu_supports_neon() { return (getauxval(AT_HWCAP) & (1UL << 1)) != 0; }  // HWCAP_ASIMD
+
+inline bool cpu_supports_neon_dotprod() {
+  return cpu_supports_neon() && (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP
+}
+#elif BITCPM_ARM64
+inline bool cpu_supports_neon() { return true; }  // part of ARMv8-A; no portable dotprod check here
+inline bool cpu_supports_neon_dotprod() { return false; }
+#else
+inline bool cpu_supports_neon() { return false; }
+inline bool cpu_supports_neon_dotprod() { return false; }
+#endif
+
 // The checks every kernel's dispatch uses: the CPU supports it and VLLM_BITCPM_ISA allows it.
 inline bool cpu_has_avx2() { return isa_cap() >= kLevelAvx2 && cpu_supports_avx2(); }
 
@@ -79,6 +121,10 @@ inline bool cpu_has_avx512() { return isa_cap() >= kLevelAvx512 && cpu_supports_
 inline bool cpu_has_vnni() { return isa_cap() >= kLevelAvx512 && cpu_supports_vnni(); }
 
 inline bool cpu_has_avx512bf16() { return isa_cap() >= kLevelAvx512Bf16 && cpu_supports_avx512bf16(); }
+
+inline bool cpu_has_neon() { return isa_cap() >= kLevelNeon && cpu_supports_neon(); }
+
+inline bool cpu_has_neon_dotprod() { return isa_cap() >= kLevelNeonDotprod && cpu_supports_neon_dotprod(); }
 
 #if BITCPM_X86
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -89,10 +135,10 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 }
 #endif
 
-// The body of a SIMD entry point's non-x86 stand-in. Dispatch only picks a SIMD path after a
-// cpu_has_* check, which is false there, so reaching one is a dispatch bug, named as such.
+// The body of a SIMD entry point's stand-in on other architectures. Dispatch only picks a SIMD
+// path after a cpu_has_* check, which is false there, so reaching one is a dispatch bug, named as such.
 #define BITCPM_NO_SIMD_PATH(name)                                                                          \
-  TORCH_CHECK(false, "bitcpm_cpu: ", name, " is an x86 SIMD path and was called on a CPU without it "      \
-              "(a dispatch bug in kernels/cpu/)")
+  TORCH_CHECK(false, "bitcpm_cpu: ", name, " is a SIMD path of another architecture and was called on "    \
+              "this CPU (a dispatch bug in kernels/cpu/)")
 
 }  // namespace bitcpm_cpu

@@ -6,7 +6,8 @@
 // The whole file is compiled for the baseline ISA (no -mavx2); SIMD code lives in functions
 // marked __attribute__((target(...))) and is only called after a run-time CPU check, so the
 // same binary runs (scalar path) on CPUs without AVX2. That code is x86 only (BITCPM_X86,
-// cpu_features.h): on other CPUs the file builds with the scalar path alone.
+// cpu_features.h): on other CPUs the file builds with the scalar path alone, and aarch64 CPUs get
+// the NEON row kernels of ternary_linear_neon.cpp (dispatched here, run_neon).
 //
 // Paths (kernels/README.md has the instruction counts and measured figures):
 //   exact mode, decode (M < kFusedGemmMinM; bf16 path: M < kGemmMinM): per row, per 32-bit lane of a 32-byte code load,
@@ -27,6 +28,8 @@
 //   int8 mode: x is quantized once per call (per-token absmax, as the reference), with per-group
 //     sums of q; inner loop `vpmaddubsw(codes, q)` (codes = t+1 unsigned), widened with
 //     `vpmaddwd(., 1)` (AVX512-VNNI: one `vpdpbusd`), and sum(q) per group subtracted.
+//   aarch64 (neon, neon-dotprod): natural-order x, `tbl` decode, `fmla` / `sdot`
+//     (ternary_linear_neon.cpp); prefill (M >= kGemmMinM) by fp32 tiles for at::mm.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +41,8 @@
 
 #include "cpu_features.h"  // <immintrin.h> on x86
 #include "ternary_gemm.h"
+#include "ternary_linear_neon.h"
+#include "ternary_linear_rows.h"  // Ctx, the packed layout's constants
 
 #include <algorithm>
 #include <cmath>
@@ -49,12 +54,14 @@
 namespace bitcpm_cpu {
 namespace {
 
-constexpr int64_t kBlockWeights = 128;
-constexpr int64_t kBlockBytes = 32;
 constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
 // exact mode, fp32 compute: at or above this many tokens the ternary GEMM (ternary_gemm.cpp) runs
 // instead of the per-row decode loops (benchmarks/prefill_gemm.py sweeps M).
 constexpr int64_t kFusedGemmMinM = 8;
+// Tokens past the last multiple of 8 that go to the decode loops instead of a zero-padded GEMM tile:
+// at 9..11 and 17..18 tokens the op took 0.82-1.04x stock fp32's time this way against 0.93-1.13x
+// padded, and 4 tokens past were level (AVX2 Zen 3, benchmarks/prefill_gemm.py, two runs each).
+constexpr int64_t kGemmTailTokens = 3;
 constexpr float kInvNumerator = 127.0f;
 constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile stay in L1/L2)
 // Calls below this many multiply-adds stay on the calling thread. Every BitCPM4-0.5B layer is
@@ -62,7 +69,12 @@ constexpr int64_t kRowTile = 16;      // rows per inner tile (codes of a tile st
 // profiled ternary time of a 2-thread decode step, benchmarks/profile_decode.py --threads 2).
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// x86 paths are ordered (kScalar < kAvx2 < kAvx512 < kAvx512Bf16, compared with >= below);
+// the aarch64 paths come after them and are dispatched first (is_neon), so those comparisons only
+// ever see x86 paths.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kNeon = 4, kNeonDotprod = 5 };
+
+inline bool is_neon(Isa isa) { return isa == Isa::kNeon || isa == Isa::kNeonDotprod; }
 
 // The best path by the kernels' own checks (capped: cpu_has_*, VLLM_BITCPM_ISA applied) or by
 // the CPU alone (cpu_supports_*, for the log line that says what a cap left out).
@@ -70,6 +82,8 @@ Isa detect_isa(bool capped) {
   if (capped ? cpu_has_avx512bf16() : cpu_supports_avx512bf16()) return Isa::kAvx512Bf16;
   if (capped ? cpu_has_avx512() : cpu_supports_avx512()) return Isa::kAvx512;
   if (capped ? cpu_has_avx2() : cpu_supports_avx2()) return Isa::kAvx2;
+  if (capped ? cpu_has_neon_dotprod() : cpu_supports_neon_dotprod()) return Isa::kNeonDotprod;
+  if (capped ? cpu_has_neon() : cpu_supports_neon()) return Isa::kNeon;
   return Isa::kScalar;
 }
 
@@ -83,66 +97,9 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
+    case Isa::kNeonDotprod: return "neon-dotprod";
+    case Isa::kNeon: return "neon";
     default: return "scalar";
-  }
-}
-
-// Everything a row kernel needs; pointers are to contiguous buffers.
-struct Ctx {
-  int64_t M, K, N, G, gs, nblk, Kp, row_bytes;
-  int gs_shift;           // log2(gs) when gs is a power of two, else -1
-  const uint8_t* codes;   // (N, row_bytes)
-  const void* scales;     // (N, G) in scale_dtype
-  at::ScalarType scale_dtype;
-  float* y;               // (M, N) float32
-  // exact mode
-  const float* x;         // (M, K) natural order (scalar path)
-  const float* xp;        // (M, Kp) permuted, zero padded (SIMD paths)
-  // exact mode, bf16 activations (AVX512-BF16 path)
-  const uint16_t* xb;     // (M, Kc) bf16 bits, permuted into the bf16 decode order, zero padded
-  int64_t Kc;             // nchunk * 256
-  // int8 mode
-  const int8_t* q;        // (M, Kp) natural order, zero padded
-  const int32_t* qsum;    // (M, G)
-  const int32_t* qlane;   // (M, G, 16): per-lane sums of q, the lane layout of the SIMD dots
-  const float* inv;       // (M)
-};
-
-inline int64_t group_of(const Ctx& c, int64_t k) {
-  if (c.G == 1) return 0;
-  const int64_t g = c.gs_shift >= 0 ? (k >> c.gs_shift) : k / c.gs;
-  return g < c.G ? g : c.G - 1;  // padding past K (codes 1, x 0) may sit beyond the last group
-}
-
-void load_row_scales(const Ctx& c, int64_t n, float* out) {
-  const int64_t G = c.G;
-  switch (c.scale_dtype) {
-    case at::kFloat: {
-      const float* s = static_cast<const float*>(c.scales) + n * G;
-      std::memcpy(out, s, G * sizeof(float));
-      break;
-    }
-    case at::kBFloat16: {
-      const c10::BFloat16* s = static_cast<const c10::BFloat16*>(c.scales) + n * G;
-      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
-      break;
-    }
-    case at::kHalf: {
-      const c10::Half* s = static_cast<const c10::Half*>(c.scales) + n * G;
-      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "ternary_linear: unsupported scale dtype");
-  }
-}
-
-// Whole-row scale of row n (G == 1), read in place (no per-row call and buffer round trip).
-inline float whole_row_scale(const Ctx& c, int64_t n) {
-  switch (c.scale_dtype) {
-    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(c.scales)[n]);
-    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(c.scales)[n]);
-    default: return static_cast<const float*>(c.scales)[n];
   }
 }
 
@@ -994,8 +951,6 @@ void int8_rows_avx512_t(const Ctx&, int64_t, int64_t, int64_t, float*) { BITCPM_
 // ------------------------------------------------------------------------------------------
 // Drivers
 
-using RowFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, float*);
-
 template <template <int> class F>
 RowFn pick_mb(int mb) {
   switch (mb) {
@@ -1038,6 +993,52 @@ void run_rows(const Ctx& c, int mb, Fn&& tile_fn) {
       const int64_t t1 = std::min(n1, t0 + kRowTile);
       for (int64_t m0 = 0; m0 < c.M; m0 += mb) tile_fn(t0, t1, m0, std::min<int64_t>(mb, c.M - m0), sbuf.data());
     }
+  });
+}
+
+// The aarch64 paths (row kernels in ternary_linear_neon.cpp): x and q in natural order, zero
+// padded to whole blocks. int8: the scalar twin's quantization (the reference's rounding; one
+// pass over x, small beside the rows). Exact mode, prefill (M >= kGemmMinM): fp32 tiles of rows
+// dequantized for at::mm, as the scalar path does (PyTorch's brgemm ukernel, which the x86
+// paths use from kFusedGemmMinM tokens, is x86 only); below it the NEON decode loops.
+void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, bool int8_activations, Isa isa) {
+  if (!int8_activations) {
+    const at::Tensor xp = at::constant_pad_nd(x, {0, c.Kp - c.K}).contiguous();
+    c.xp = xp.data_ptr<float>();
+    if (c.M < kGemmMinM) {
+      run_rows(c, kNeonTokenTile, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+        neon_exact_rows(static_cast<int>(mb), c.G == 1)(c, a, b, m0, s);
+      });
+      return;
+    }
+    // Tiles of about 1 MiB, so the GEMM reads them from cache.
+    const int64_t tile = std::min(c.N, std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (c.Kp * 4)) / kRowTile * kRowTile));
+    at::Tensor wt = at::empty({tile, c.Kp}, xp.options());
+    for (int64_t t0 = 0; t0 < c.N; t0 += tile) {
+      const int64_t t1 = std::min(c.N, t0 + tile);
+      float* wp = wt.data_ptr<float>();
+      at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t b) {
+        std::vector<float> sbuf(c.G);
+        neon_dequant_rows(c, a, b, wp + (a - t0) * c.Kp, c.Kp, sbuf.data());
+      });
+      y32.narrow(1, t0, t1 - t0).copy_(at::mm(xp, wt.narrow(0, 0, t1 - t0).t()));
+    }
+    return;
+  }
+  at::Tensor q = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
+  at::Tensor qsum = at::empty({c.M, c.G}, x.options().dtype(at::kInt));
+  at::Tensor inv = at::empty({c.M}, x.options());
+  c.q = q.data_ptr<int8_t>();
+  c.qsum = qsum.data_ptr<int32_t>();
+  c.inv = inv.data_ptr<float>();
+  at::parallel_for(0, c.M, 16, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; ++m)
+      quantize_row_scalar(c, c.x + m * c.K, q.data_ptr<int8_t>() + m * c.Kp, qsum.data_ptr<int32_t>() + m * c.G,
+                          inv.data_ptr<float>() + m);
+  });
+  const bool dotprod = isa == Isa::kNeonDotprod;
+  run_rows(c, kNeonTokenTile, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+    neon_int8_rows(static_cast<int>(mb), dotprod)(c, a, b, m0, s);
   });
 }
 
@@ -1118,7 +1119,9 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       c.y = y32.data_ptr<float>();
       if (!bf16_path) c.x = x.data_ptr<float>();
 
-      if (bf16_path) {
+      if (is_neon(isa)) {
+        run_neon(c, x, y32, int8_activations, isa);
+      } else if (bf16_path) {
         c.Kc = (nblk + 1) / 2 * kChunkWeights;
         at::Tensor xb = at::empty({Mrows, c.Kc}, x.options());
         c.xb = reinterpret_cast<const uint16_t*>(xb.data_ptr());
@@ -1146,15 +1149,35 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           permute_x(c, xp.data_ptr<float>());
           c.xp = xp.data_ptr<float>();
         }
+        // The per-row decode loops (several tokens per pass over a row's codes) on tokens of cc.
+        auto decode_loops = [&](const Ctx& cc) {
+          run_rows(cc, token_tile(isa, false), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            // Whole-row scales (G == 1, BitCPM4) skip the per-group scale bookkeeping.
+            RowFn fn = isa >= Isa::kAvx512 ? (G == 1 ? pick_mb<ExactAvx512WholeRow>(mb) : pick_mb<ExactAvx512>(mb))
+                                           : (G == 1 ? pick_mb<ExactAvx2WholeRow>(mb) : pick_mb<ExactAvx2>(mb));
+            fn(cc, a, b, m0, s);
+          });
+        };
         if (isa != Isa::kScalar && Mrows >= kFusedGemmMinM && ternary_gemm_fp32_available()) {
           // Several tokens: the ternary GEMM (ternary_gemm.cpp) decodes each 16-row tile once into
           // L1/L2 and runs brgemm on it for every tile of tokens. Products x * (t*s) are exact in
-          // fp32 as in the dense layer, so only the summation order differs.
-          ternary_gemm_fp32(Mrows, N, c.Kp, c.xp, c.y, [&](int64_t a, int64_t b, float* out, int64_t ld) {
+          // fp32 as in the dense layer, so only the summation order differs. The GEMM pads its
+          // token tiles to multiples of 8; up to 3 tokens past one (a decode batch of 10) cost less
+          // in the decode loops than padded to 8 more (kGemmTailTokens).
+          const int64_t tail = Mrows % 8 <= kGemmTailTokens ? Mrows % 8 : 0;
+          const int64_t gemm_m = Mrows - tail;
+          ternary_gemm_fp32(gemm_m, N, c.Kp, c.xp, c.y, [&](int64_t a, int64_t b, float* out, int64_t ld) {
             std::vector<float> sbuf(G);
             if (isa >= Isa::kAvx512) dequant_rows_avx512(c, a, b, out, ld, sbuf.data());
             else dequant_rows_avx2(c, a, b, out, ld, sbuf.data());
           });
+          if (tail > 0) {
+            Ctx rest = c;  // the last `tail` tokens: row kernels index x and y from these pointers
+            rest.M = tail;
+            rest.xp = c.xp + gemm_m * c.Kp;
+            rest.y = c.y + gemm_m * N;
+            decode_loops(rest);
+          }
         } else if (Mrows >= kGemmMinM) {
           // Prefill: dequantize tiles of rows to fp32 and let at::mm (MKL/oneDNN sgemm) do the
           // GEMM. 16-bit activations were widened to fp32 exactly, and their products with t*s
@@ -1187,13 +1210,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
             exact_rows_scalar(c, a, b, m0, m0 + mb, s);
           });
         } else {
-          const int mbt = token_tile(isa, false);
-          run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
-            // Whole-row scales (G == 1, BitCPM4) skip the per-group scale bookkeeping.
-            RowFn fn = isa >= Isa::kAvx512 ? (G == 1 ? pick_mb<ExactAvx512WholeRow>(mb) : pick_mb<ExactAvx512>(mb))
-                                           : (G == 1 ? pick_mb<ExactAvx2WholeRow>(mb) : pick_mb<ExactAvx2>(mb));
-            fn(c, a, b, m0, s);
-          });
+          decode_loops(c);
         }
       } else {
         at::Tensor q = at::empty({Mrows, c.Kp}, x.options().dtype(at::kChar));
@@ -1240,17 +1257,34 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
   return y.reshape(out_shape);
 }
 
+// The paths this CPU can run, best last: its architecture's paths up to best_isa().
+std::vector<Isa> runnable_isas() {
+  static const std::vector<Isa> paths = [] {
+    const std::vector<Isa> ladder = BITCPM_X86     ? std::vector<Isa>{Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}
+                                    : BITCPM_ARM64 ? std::vector<Isa>{Isa::kScalar, Isa::kNeon, Isa::kNeonDotprod}
+                                                   : std::vector<Isa>{Isa::kScalar};
+    std::vector<Isa> out;
+    for (Isa isa : ladder) {
+      out.push_back(isa);
+      if (isa == best_isa()) break;
+    }
+    return out;
+  }();
+  return paths;
+}
+
 Isa parse_isa(const std::string& name) {
-  Isa isa;
   if (name == "auto") return best_isa();
-  if (name == "scalar") isa = Isa::kScalar;
-  else if (name == "avx2") isa = Isa::kAvx2;
-  else if (name == "avx512") isa = Isa::kAvx512;
-  else if (name == "avx512bf16") isa = Isa::kAvx512Bf16;
-  else TORCH_CHECK_VALUE(false, "bitcpm_cpu: unknown isa '", name, "' (auto, scalar, avx2, avx512, avx512bf16)");
-  TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), "bitcpm_cpu: isa '", name,
-                    "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
-  return isa;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kNeon, Isa::kNeonDotprod}) {
+    if (name != isa_name(isa)) continue;
+    const std::vector<Isa> ok = runnable_isas();
+    TORCH_CHECK_VALUE(std::find(ok.begin(), ok.end(), isa) != ok.end(), "bitcpm_cpu: isa '", name,
+                      "' is not supported by this CPU (best: ", isa_name(best_isa()), ")");
+    return isa;
+  }
+  TORCH_CHECK_VALUE(false, "bitcpm_cpu: unknown isa '", name,
+                    "' (auto, scalar, avx2, avx512, avx512bf16, neon, neon-dotprod)");
+  return Isa::kScalar;
 }
 
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
@@ -1265,17 +1299,15 @@ at::Tensor ternary_linear_isa(const at::Tensor& x, const at::Tensor& codes, cons
 }
 
 std::vector<std::string> isa_available() {
-  std::vector<std::string> out{"scalar"};
-  if (static_cast<int>(best_isa()) >= static_cast<int>(Isa::kAvx2)) out.push_back("avx2");
-  if (best_isa() >= Isa::kAvx512) out.push_back("avx512");
-  if (best_isa() >= Isa::kAvx512Bf16) out.push_back("avx512bf16");
+  std::vector<std::string> out;
+  for (Isa isa : runnable_isas()) out.push_back(isa_name(isa));
   return out;
 }
 
 // "avx512bf16+vnni" and the like: the path name, plus VNNI where an AVX512 path can use it.
 std::string isa_label(Isa isa) {
   std::string s = isa_name(isa);
-  if (isa >= Isa::kAvx512 && cpu_supports_vnni()) s += "+vnni";
+  if (!is_neon(isa) && isa >= Isa::kAvx512 && cpu_supports_vnni()) s += "+vnni";
   return s;
 }
 

@@ -1,0 +1,84 @@
+// What a row kernel of bitcpm::ternary_linear gets (Ctx) and the helpers every path shares, for
+// the kernel files that hold row kernels: ternary_linear.cpp (scalar, x86) and
+// ternary_linear_neon.cpp (aarch64).
+//
+// Packed layout version 1 (vllm_bitcpm/ternary.py): each row of `codes` is a run of 128-weight
+// blocks of 32 bytes; byte j of a block holds elements j, j+32, j+64, j+96 at bits 0, 2, 4, 6 as
+// the code t+1 in {0,1,2}.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace bitcpm_cpu {
+
+constexpr int64_t kBlockWeights = 128;
+constexpr int64_t kBlockBytes = 32;
+
+// Everything a row kernel needs; pointers are to contiguous buffers.
+struct Ctx {
+  int64_t M, K, N, G, gs, nblk, Kp, row_bytes;
+  int gs_shift;           // log2(gs) when gs is a power of two, else -1
+  const uint8_t* codes;   // (N, row_bytes)
+  const void* scales;     // (N, G) in scale_dtype
+  at::ScalarType scale_dtype;
+  float* y;               // (M, N) float32
+  // exact mode
+  const float* x;         // (M, K) natural order (scalar path)
+  const float* xp;        // (M, Kp) zero padded: x86 paths permuted, NEON paths natural order
+  // exact mode, bf16 activations (AVX512-BF16 path)
+  const uint16_t* xb;     // (M, Kc) bf16 bits, permuted into the bf16 decode order, zero padded
+  int64_t Kc;             // nchunk * 256
+  // int8 mode
+  const int8_t* q;        // (M, Kp) natural order, zero padded
+  const int32_t* qsum;    // (M, G)
+  const int32_t* qlane;   // (M, G, 16): per-lane sums of q, the lane layout of the x86 SIMD dots
+  const float* inv;       // (M)
+};
+
+// A row kernel: rows [n0, n1) of y for tokens [m0, m0 + its token count); sbuf holds G floats.
+using RowFn = void (*)(const Ctx&, int64_t n0, int64_t n1, int64_t m0, float* sbuf);
+
+inline int64_t group_of(const Ctx& c, int64_t k) {
+  if (c.G == 1) return 0;
+  const int64_t g = c.gs_shift >= 0 ? (k >> c.gs_shift) : k / c.gs;
+  return g < c.G ? g : c.G - 1;  // padding past K (codes 1, x 0) may sit beyond the last group
+}
+
+inline void load_row_scales(const Ctx& c, int64_t n, float* out) {
+  const int64_t G = c.G;
+  switch (c.scale_dtype) {
+    case at::kFloat: {
+      const float* s = static_cast<const float*>(c.scales) + n * G;
+      std::memcpy(out, s, G * sizeof(float));
+      break;
+    }
+    case at::kBFloat16: {
+      const c10::BFloat16* s = static_cast<const c10::BFloat16*>(c.scales) + n * G;
+      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
+      break;
+    }
+    case at::kHalf: {
+      const c10::Half* s = static_cast<const c10::Half*>(c.scales) + n * G;
+      for (int64_t g = 0; g < G; ++g) out[g] = static_cast<float>(s[g]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "ternary_linear: unsupported scale dtype");
+  }
+}
+
+// Whole-row scale of row n (G == 1), read in place (no per-row call and buffer round trip).
+inline float whole_row_scale(const Ctx& c, int64_t n) {
+  switch (c.scale_dtype) {
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(c.scales)[n]);
+    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(c.scales)[n]);
+    default: return static_cast<const float*>(c.scales)[n];
+  }
+}
+
+}  // namespace bitcpm_cpu
