@@ -171,6 +171,8 @@ def main() -> None:
     if args.rows_only:
         args.rows_only.write_text(json.dumps(measure(args.tokens, args.threads, args.repeats)))
         return
+    from vllm_bitcpm import ops  # noqa: F401  (loads the kernel, so isa_paths names its path)
+
     info = machine()
     rows = []
     for threads in args.threads:

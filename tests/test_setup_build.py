@@ -77,3 +77,18 @@ def test_wheel_builds_without_a_working_compiler(tmp_path):
     for module in ("vllm_bitcpm/__init__.py", "vllm_bitcpm/ops/cpu.py"):  # at the root or under .data/purelib
         assert any(n.endswith(module) for n in names), names
     assert not [n for n in names if n.endswith(".so")], names
+
+
+def test_a_built_kernel_library_loads():
+    """A kernel library that exists but does not load (an undefined symbol: a source missing from
+    setup.py's list) would silently leave every layer off the kernel; the optional build cannot see
+    that at link time, so it is checked here."""
+    import glob
+
+    import vllm_bitcpm
+    from vllm_bitcpm.ops import cpu as cpu_kernel
+
+    libraries = glob.glob(str(Path(vllm_bitcpm.__file__).parent / "_cpu_kernels*.so"))
+    if not libraries:
+        pytest.skip("the CPU kernel was not built in this install")
+    assert cpu_kernel.AVAILABLE, f"{libraries[0]} exists but does not load: {cpu_kernel._load_error}"

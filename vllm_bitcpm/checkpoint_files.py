@@ -23,9 +23,20 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated or unreadable."""
 
 
+#: The largest header accepted (safetensors' own limit): a crafted length cannot make a reader
+#: allocate and parse hundreds of MB of JSON.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def validate_safetensors(path: str | os.PathLike) -> tuple[dict, int]:
     """Raise :class:`CorruptCheckpointError` naming ``path`` (and the tensor) if it is damaged;
-    else return (header without ``__metadata__``, offset of the data section)."""
+    else return (header without ``__metadata__``, offset of the data section).
+
+    Checked before any tensor byte is read, so that a crafted file (a checkpoint is a stranger's
+    file) fails here with its name instead of crashing or reading out of bounds later: the header
+    length (at most MAX_HEADER_BYTES, inside the file), a JSON object of entries, each with a known
+    dtype, a shape of non-negative integers and data offsets 0 <= begin <= end inside the data
+    section whose size matches shape x dtype, and no two tensors sharing bytes."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -38,31 +49,61 @@ def validate_safetensors(path: str | os.PathLike) -> tuple[dict, int]:
                 f"{path}: header claims {header_len} bytes but the file has {size}; "
                 "the file is truncated or not a safetensors file"
             )
+        if header_len > MAX_HEADER_BYTES:
+            raise CorruptCheckpointError(f"{path}: header of {header_len} bytes is over the {MAX_HEADER_BYTES}-byte "
+                                         "limit of safetensors; not a checkpoint this reader accepts")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise CorruptCheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                                     "not an object of tensors)")
     data_size = size - 8 - header_len
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = info["data_offsets"]
-            expected = math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
-        if end > data_size:
-            raise CorruptCheckpointError(
-                f"{path}: tensor '{name}' needs bytes up to {end} of the data section but the file "
-                f"holds only {data_size}: the file is truncated (re-download or re-convert it)"
-            )
-        if _DTYPE_BYTES.get(info["dtype"]) and end - begin != expected:
-            raise CorruptCheckpointError(
-                f"{path}: tensor '{name}' has shape {info['shape']} ({info['dtype']}) = {expected} "
-                f"bytes but occupies {end - begin}"
-            )
+        spans.append((*_check_entry(path, name, info, data_size), name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CorruptCheckpointError(f"{path}: tensors '{a}' and '{b}' overlap in the data section")
     header.pop("__metadata__", None)
     return header, 8 + header_len
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, info, data_size: int) -> tuple[int, int]:
+    """(begin, end) of one header entry, or CorruptCheckpointError naming the file and tensor."""
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: corrupt header entry for tensor '{name}' ({why})")
+
+    if not isinstance(info, dict):
+        raise bad("not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise bad(f"dtype {dtype!r} is not a safetensors dtype")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} are not two integers 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise CorruptCheckpointError(
+            f"{path}: tensor '{name}' needs bytes up to {end} of the data section but the file "
+            f"holds only {data_size}: the file is truncated (re-download or re-convert it)"
+        )
+    expected = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if end - begin != expected:
+        raise CorruptCheckpointError(
+            f"{path}: tensor '{name}' has shape {shape} ({dtype}) = {expected} bytes but occupies {end - begin}"
+        )
+    return begin, end
 
 
 class SafetensorsReader:
