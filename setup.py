@@ -19,9 +19,9 @@ def _cpu_extension_kwargs() -> dict:
 
     Build with ``pip install --no-build-isolation -e .`` so the installed (CPU) torch is used;
     without torch the package installs without it and the op runs the PyTorch reference.
-    The file is compiled for the baseline ISA: AVX2/AVX512 code is selected at run time (x86
-    only; other CPUs build the scalar paths). If the build fails anyway, the install goes on
-    without it (_optional_cpu_kernel).
+    The files are compiled for the baseline ISA: AVX2/AVX512 code (x86) and NEON `sdot` code
+    (aarch64) is selected at run time; other CPUs build the scalar paths. If the build fails
+    anyway, the install goes on without it (_optional_cpu_kernel).
     """
     if os.environ.get("VLLM_BITCPM_NO_CPU_KERNEL"):
         print("vllm-bitcpm: VLLM_BITCPM_NO_CPU_KERNEL set; not building the CPU kernel")
@@ -34,8 +34,10 @@ def _cpu_extension_kwargs() -> dict:
         return {}
     ext = CppExtension(
         name=CPU_KERNEL,
-        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/ternary_gemm.cpp", "kernels/cpu/lm_head_gemv.cpp"],
-        depends=["kernels/cpu/cpu_features.h", "kernels/cpu/ternary_gemm.h"],
+        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/ternary_linear_neon.cpp", "kernels/cpu/ternary_gemm.cpp",
+                 "kernels/cpu/lm_head_gemv.cpp"],
+        depends=["kernels/cpu/cpu_features.h", "kernels/cpu/ternary_gemm.h", "kernels/cpu/ternary_linear_rows.h",
+                 "kernels/cpu/ternary_linear_neon.h"],
         # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
         # the kernel runs on one thread whatever torch.set_num_threads says.
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],

@@ -1,11 +1,12 @@
 """The C++ CPU kernel of bitcpm::ternary_linear (kernels/cpu/) against float64 oracles and the
-PyTorch reference, on every ISA path the running CPU can execute (scalar, avx2, avx512,
-avx512bf16)."""
+PyTorch reference, on every ISA path the running CPU can execute (scalar; avx2, avx512,
+avx512bf16 on x86; neon, neon-dotprod on aarch64, which scripts/test-aarch64.sh runs under qemu)."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -22,11 +23,14 @@ pytestmark = pytest.mark.skipif(
     "(pip install --no-build-isolation -e . with torch installed)",
 )
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
+ALL_ISAS = ["scalar", *reversed(cpu_kernel.X86_ISAS), *reversed(cpu_kernel.ARM64_ISAS)]
 
 
 @pytest.fixture(params=ALL_ISAS)
 def isa(request):
+    if request.param != "scalar" and request.param not in cpu_kernel.machine_isas():
+        pytest.skip(f"{request.param} is a path of another architecture than this {platform.machine()} CPU "
+                    "(aarch64 paths: scripts/test-aarch64.sh runs them under qemu)")
     if request.param not in cpu_kernel.isa_available():
         pytest.skip(f"this CPU cannot run the {request.param} path (has {cpu_kernel.isa_available()})")
     return request.param
@@ -168,6 +172,22 @@ def test_nan_and_inf_propagate_like_dense_matmul(isa, m, dtype):
     torch.testing.assert_close(y[finite], dense[finite], rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 1000])
+def test_neon_int8_equals_the_scalar_twin_bit_for_bit(m, group_size):
+    """The NEON int8 paths compute each group's integer dot product exactly and scale and add the
+    groups in the scalar twin's order (kernels/cpu/ternary_linear_neon.cpp), so they must agree
+    with it exactly, not just within a bound."""
+    paths = [p for p in cpu_kernel.ARM64_ISAS if p in cpu_kernel.isa_available()]
+    if not paths:
+        pytest.skip(f"no NEON path on this {platform.machine()} CPU (scripts/test-aarch64.sh runs them under qemu)")
+    codes, scales, _ = random_packed(37, 1000, group_size, torch.bfloat16, seed=group_size)
+    x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(m))
+    scalar = kernel(x, codes, scales, group_size, None, True, "scalar")
+    for path in paths:
+        assert torch.equal(kernel(x, codes, scales, group_size, None, True, path), scalar), path
+
+
 @pytest.mark.parametrize("m", [3, 40])
 def test_int8_non_finite_token_gives_nan_outputs_like_the_reference(isa, m):
     codes, scales, trits = random_packed(16, 200, 200, torch.float32)
@@ -220,7 +240,10 @@ def test_errors_match_the_reference_messages():
     with pytest.raises(ValueError, match="K=200"):
         kernel(torch.randn(2, 200), codes, scales, 32)
     with pytest.raises(ValueError, match="unknown isa"):
-        kernel(x, codes, scales, 32, None, False, "neon")
+        kernel(x, codes, scales, 32, None, False, "sve2")
+    other = "avx2" if platform.machine() in ("aarch64", "arm64") else "neon"
+    with pytest.raises(ValueError, match=f"isa '{other}' is not supported by this CPU"):
+        kernel(x, codes, scales, 32, None, False, other)
 
 
 def test_isa_helpers():
@@ -285,15 +308,17 @@ def _kernel_report(env_isa: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("cap", ["avx2", "scalar"])
+@pytest.mark.parametrize("cap", ["avx2", "neon", "scalar"])
 def test_isa_cap_limits_every_kernel(cap):
-    """VLLM_BITCPM_ISA (AVX2 mode on an AVX512 machine) caps the ternary and lm_head kernels alike."""
+    """VLLM_BITCPM_ISA (AVX2 mode on an AVX512 machine, NEON without sdot on an Arm one) caps the
+    ternary and lm_head kernels alike."""
     if cap not in cpu_kernel.isa_available():
         pytest.skip(f"this CPU cannot run the {cap} path")
     got = _kernel_report(cap)
     assert got["isa"] == cap and got["cpu_isa"] == cpu_kernel.CPU_ISA
     assert got["available"] == cpu_kernel.isa_available()[: cpu_kernel.isa_available().index(cap) + 1]
-    assert got["bf16_gemv"] == cap and got["int8_gemv"] == cap
+    head = "scalar" if cap in cpu_kernel.ARM64_ISAS else cap  # the lm_head kernels have no NEON path
+    assert got["bf16_gemv"] == head and got["int8_gemv"] == head
 
 
 def test_isa_cap_rejects_unknown_values():
@@ -301,4 +326,17 @@ def test_isa_cap_rejects_unknown_values():
     proc = subprocess.run([sys.executable, "-c", "import vllm_bitcpm.ops"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "VLLM_BITCPM_ISA='avx1024'; expected one of auto, avx512bf16, avx512, avx2, scalar" in proc.stderr
+    assert ("VLLM_BITCPM_ISA='avx1024'; expected one of auto, avx512bf16, avx512, avx2, neon-dotprod, neon, scalar"
+            in proc.stderr)
+
+
+def test_isa_cap_rejects_another_architectures_paths():
+    """A cap the kernels of this CPU would ignore (an x86 path on Arm, a NEON path on x86) is an error."""
+    other = {"x86_64": "neon", "aarch64": "avx2"}.get(platform.machine())
+    if other is None:
+        pytest.skip(f"no SIMD paths on {platform.machine()}")
+    env = {**os.environ, "VLLM_BITCPM_ISA": other}
+    proc = subprocess.run([sys.executable, "-c", "import vllm_bitcpm.ops"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"VLLM_BITCPM_ISA='{other}' names a path of another architecture" in proc.stderr

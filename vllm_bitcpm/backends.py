@@ -14,8 +14,8 @@
 
 ``auto`` takes the first that can run the layer among native, int4, dense: never the reference,
 which rebuilds the dense matrix on every call, and never the CPU kernel where its best path is
-the scalar twin (x86 without AVX2, aarch64 until a NEON path exists, ppc64le, s390x, or
-``VLLM_BITCPM_ISA=scalar``): those plain C++ loops are the SIMD paths' tested twin, not a
+the scalar twin (x86 without AVX2, ppc64le, s390x, or ``VLLM_BITCPM_ISA=scalar``; aarch64
+has NEON paths): those plain C++ loops are the SIMD paths' tested twin, not a
 serving path, and ``native`` names them explicitly. (Whether native and int4 beat stock is
 measured per platform: README "Serving under load" and benchmarks/gpu_check.py.) A named backend
 that cannot run a layer is an error that names the layer and why.

@@ -31,7 +31,7 @@
 #if defined(__clang__)
 #define BITCPM_TARGET_DOTPROD __attribute__((target("dotprod")))
 #else
-#define BITCPM_TARGET_DOTPROD __attribute__((target("+dotprod")))
+#define BITCPM_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))  // GCC's arm_neon.h wants the arch level too
 #endif
 #endif
 

@@ -4,14 +4,16 @@ Importing the compiled module ``vllm_bitcpm._cpu_kernels`` runs its
 ``TORCH_LIBRARY_IMPL(bitcpm, CPU, m)`` registration, after which CPU tensors dispatch to it
 instead of the composite PyTorch reference. It also defines ``torch.ops.bitcpm_cpu`` helpers
 for tests and benchmarks: ``isa_available()``, ``current_isa()`` and
-``ternary_linear_isa(..., isa)`` (force the "scalar", "avx2" or "avx512" path).
+``ternary_linear_isa(..., isa)`` (force a path: "scalar", "avx2", "avx512", "avx512bf16" on
+x86, "neon", "neon-dotprod" on aarch64).
 
 The instruction set is picked at run time from what the running CPU supports, capped by
-``VLLM_BITCPM_ISA`` (``auto``, ``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) so that an
-AVX512 machine can run, test and time what an AVX2-only CPU runs. When the
+``VLLM_BITCPM_ISA`` (``auto``, ``scalar`` and this architecture's paths: ``avx512bf16``,
+``avx512``, ``avx2`` on x86, ``neon-dotprod``, ``neon`` on aarch64) so that an AVX512 machine can
+run, test and time what an AVX2-only CPU runs. When the
 extension was not built (no torch at build time, or a build failure), import still succeeds
 and the reference is used; either way the choice is logged once. Where the best path is
-"scalar" (no AVX2; no SIMD path yet on Arm, ppc64le, s390x) the kernel loads, but
+"scalar" (x86 without AVX2; ppc64le, s390x) the kernel loads, but
 ``VLLM_BITCPM_BACKEND=auto`` does not give it layers (vllm_bitcpm/backends.py).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 
 from vllm_bitcpm.ops import reference
 
@@ -26,14 +29,33 @@ logger = logging.getLogger("vllm.bitcpm")
 
 #: Caps the kernels' ISA paths (read once per process by the C++ side, kernels/cpu/cpu_features.h).
 ISA_ENV = "VLLM_BITCPM_ISA"
-ISA_CHOICES = ("auto", "avx512bf16", "avx512", "avx2", "scalar")
+#: The SIMD paths per architecture, best first (kernels/cpu/: x86 in ternary_linear.cpp, aarch64 in
+#: ternary_linear_neon.cpp); every CPU also has "scalar".
+X86_ISAS = ("avx512bf16", "avx512", "avx2")
+ARM64_ISAS = ("neon-dotprod", "neon")
+ISA_CHOICES = ("auto", *X86_ISAS, *ARM64_ISAS, "scalar")
+
+
+def machine_isas(machine: str | None = None) -> tuple[str, ...]:
+    """The SIMD path names of ``machine`` (``platform.machine()`` by default); () where there are none."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return X86_ISAS
+    if machine in ("aarch64", "arm64"):
+        return ARM64_ISAS
+    return ()
 
 
 def isa_cap() -> str:
-    """The value of ``VLLM_BITCPM_ISA`` (``auto`` when unset); a clear error for anything else."""
+    """The value of ``VLLM_BITCPM_ISA`` (``auto`` when unset); a clear error for anything else,
+    including the paths of another architecture (a cap the kernels would otherwise ignore)."""
     value = os.environ.get(ISA_ENV) or "auto"
     if value not in ISA_CHOICES:
         raise ValueError(f"bitcpm: {ISA_ENV}={value!r}; expected one of {', '.join(ISA_CHOICES)}")
+    here = ("auto", *machine_isas(), "scalar")
+    if value not in here:
+        raise ValueError(f"bitcpm: {ISA_ENV}={value!r} names a path of another architecture; on this "
+                         f"{platform.machine()} CPU it takes one of {', '.join(here)}")
     return value
 
 
