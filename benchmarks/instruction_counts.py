@@ -6,7 +6,7 @@
 Why: wall-clock timings on this shared 2-core VM move by up to ~40% between runs, while
 callgrind's instruction counts repeat exactly for the same binary and inputs, whatever else the
 machine is doing. So a kernel change is judged first by what it executes per weight. Each case is
-one child process under ``valgrind --tool=callgrind --toggle-collect='*ternary_linear_impl*'``
+one child process under ``valgrind --tool=callgrind --toggle-collect`` on ``ternary_linear_impl``
 (only the op's C++ body and what it calls are counted: the Python dispatch is not), one thread,
 the ISA path forced with VLLM_BITCPM_ISA, bf16 activations as vLLM runs BitCPM4, per-row scales.
 Instructions are not time (a shuffle and an FMA count alike), so read these beside
@@ -31,6 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "instruction_counts.json"
+# The op's C++ body, by its demangled name. Lambdas defined inside it carry its name too
+# ("ternary_linear_impl(...)::{lambda...}", "run_rows<...ternary_linear_impl(...)...>"), and a
+# nested match toggles collection off again, so the patterns stop at the signature's end.
+TOGGLE_PATTERNS = ("*ternary_linear_impl(*Isa)", "*ternary_linear_impl(*Isa) [clone *")
 SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
 
 
@@ -59,7 +63,7 @@ def count(isa: str, shape: str, tokens: int, calls: int, int8: bool) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VLLM_BITCPM_ISA": isa, "OMP_NUM_THREADS": "1"}
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
-                "--toggle-collect=*ternary_linear_impl*", sys.executable, str(Path(__file__).resolve()),
+                *(f"--toggle-collect={pattern}" for pattern in TOGGLE_PATTERNS), sys.executable, str(Path(__file__).resolve()),
                 "--child", shape, str(tokens), str(calls), "1" if int8 else "0"]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     found = re.search(r"Collected : (\d+)", proc.stderr)
