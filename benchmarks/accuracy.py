@@ -9,11 +9,11 @@ bitcpm (default: exact activations, bf16 head) and vLLM + bitcpm with int8 activ
 head. Each returns the full-vocabulary log-probs of the next token (LLM(max_logprobs=-1),
 SamplingParams(logprobs=-1, max_tokens=1)), compared with a CPU float32 reference:
 
-* ``minicpm`` (default): the project's independent MiniCPM forward (vllm_bitcpm.reference_model);
+* ``minicpm`` (default): the project's independent MiniCPM forward (vllm_bitcpm.testing.reference_model);
 * ``transformers``: AutoModelForCausalLM in float32 with the model's remote code, as the
   published report did (needs a real hub model whose modelling code transformers can load).
 
-Prints the report's per-prompt table and summary (vllm_bitcpm.accuracy metrics, plus full-vocab
+Prints the report's per-prompt table and summary (vllm_bitcpm.testing.accuracy metrics, plus full-vocab
 KL divergence), writes JSON and a PNG plot to benchmarks/results/.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vllm_bitcpm.accuracy import bar_failures  # noqa: E402
+from vllm_bitcpm.testing.accuracy import bar_failures  # noqa: E402
 from engine_sides import (  # noqa: E402
     DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, TRAINED_MODEL_SIDES, add_model_arguments, apply_isa_mode,
     available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides,
@@ -129,7 +129,7 @@ def reference_forward(model: str, kind: str, dtype_name: str, max_model_len: int
 
     dtype = getattr(torch, dtype_name)
     if kind == "minicpm":
-        from vllm_bitcpm.reference_model import ReferenceMiniCPM
+        from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
         path = _local_checkpoint(model)
         config = json.loads((path / "config.json").read_text())
@@ -194,7 +194,7 @@ def compare_side(side_result: dict, ref_logits: list, prompts: list[str], tokeni
     prompt set, and the held-out perplexity where ``ref_nll`` is given)."""
     import torch
 
-    from vllm_bitcpm.accuracy import compare_next_token, summarize
+    from vllm_bitcpm.testing.accuracy import compare_next_token, summarize
 
     if "error" in side_result:
         return {"error": side_result["error"]}
@@ -250,7 +250,7 @@ def compare_perplexity(side_nll: list[list[float]], ref_nll: list[list[float]]) 
 def prompt_sets(args, model: str) -> dict[str, list[str]]:
     """Named prompt sets: --prompt's, else the report's 7 and, for a model trained by
     vllm_bitcpm.testing.qat_training, prompts cut from held-out documents it never saw."""
-    from vllm_bitcpm.synthetic import REPORT_PROMPTS
+    from vllm_bitcpm.testing.synthetic import REPORT_PROMPTS
     from vllm_bitcpm.testing.qat_training import read_record
 
     if args.prompts:

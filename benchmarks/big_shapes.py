@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/big_shapes.py --shapes bitcpm-cann-3b
     .venv/bin/python benchmarks/big_shapes.py --smoke                       # CI: the tiny shape, same steps
 
-Per shape (synthetic BitCPM-CANN shapes at full depth, vllm_bitcpm.synthetic):
+Per shape (synthetic BitCPM-CANN shapes at full depth, vllm_bitcpm.testing.synthetic):
 
 1. the fake-quantized bf16 checkpoint, written shard by shard (cached under --checkpoints);
 2. ``vllm-bitcpm convert`` in a child: wall time and peak memory, sampled from /proc (anonymous
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def source_checkpoint(args, shape: str) -> Path:
     """The fake-quantized checkpoint of ``shape``, written once, shard by shard."""
-    from vllm_bitcpm import synthetic
+    from vllm_bitcpm.testing import synthetic
 
     path = Path(args.checkpoints) / f"synthetic-{shape}-{args.granularity}"
     if not (path / "config.json").exists():

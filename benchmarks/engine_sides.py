@@ -1,7 +1,7 @@
 """One engine per side (stock, plugin, plugin-int8), each in its own child, running benchmark measurements.
 
 Plugins register process-wide, so every side gets a fresh child process (``VLLM_PLUGINS`` on or
-off, see vllm_bitcpm.sidebyside). A child starts ONE in-process vLLM engine and runs every
+off, see vllm_bitcpm.testing.sidebyside). A child starts ONE in-process vLLM engine and runs every
 measurement the caller asks for (``accuracy``, ``throughput``) on it, so a full report costs one
 engine start per side and thread count. The model's OpenMP threads are set and pinned with
 :func:`model_threads_env` (vLLM 0.32 applies ``VLLM_CPU_OMP_THREADS_BIND`` only to workers it
@@ -69,7 +69,7 @@ def add_source_arguments(group) -> None:
     source = group.add_mutually_exclusive_group()
     source.add_argument("--model", help="local checkpoint path or hub id")
     source.add_argument("--synthetic", metavar="SHAPE",
-                        help="a synthetic checkpoint of this vllm_bitcpm.synthetic shape "
+                        help="a synthetic checkpoint of this vllm_bitcpm.testing.synthetic shape "
                              "(bitcpm4-0.5b, small, tiny, ...), cached under --checkpoints")
     group.add_argument("--checkpoints", default="checkpoints", help="cache of synthetic checkpoints")
 
@@ -108,7 +108,7 @@ def resolve_model(args) -> str:
     """The checkpoint to benchmark: --model as given, or a cached synthetic one (written once)."""
     if args.model:
         return args.model
-    from vllm_bitcpm import synthetic
+    from vllm_bitcpm.testing import synthetic
 
     shape = args.synthetic or "bitcpm4-0.5b"
     path = Path(args.checkpoints) / f"synthetic-{shape}"
@@ -210,7 +210,7 @@ def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list
 
 def _run_side(model: str, settings: dict, measures: dict, plugin: bool, extra_env: dict, timeout: float) -> dict:
     """One child process, one engine: the measurements' results plus what the engine logged."""
-    from vllm_bitcpm.sidebyside import run_child
+    from vllm_bitcpm.testing.sidebyside import run_child
 
     with tempfile.TemporaryDirectory(prefix="bitcpm-bench-") as scratch:
         payload = {"model": model, "settings": settings, "measures": measures, "scratch": scratch}
@@ -332,7 +332,7 @@ def weight_bytes(model) -> dict[str, Any]:
     """All weight bytes (linear layers, embedding, norms, extra buffers such as an int8 head)."""
     from vllm.model_executor.layers.linear import LinearBase
 
-    from vllm_bitcpm.sidebyside import inspect_linear_layers
+    from vllm_bitcpm.testing.sidebyside import inspect_linear_layers
 
     layers = inspect_linear_layers(model)
     seen, other = set(), 0
@@ -359,7 +359,7 @@ def _child() -> None:
     import psutil
     from vllm import LLM
 
-    from vllm_bitcpm.sidebyside import emit_result, read_payload
+    from vllm_bitcpm.testing.sidebyside import emit_result, read_payload
 
     spec = read_payload()
     settings = spec["settings"]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/load_and_memory.py                      # synthetic BitCPM4-0.5B shape
     .venv/bin/python benchmarks/load_and_memory.py --model PATH_OR_HUB_ID
 
-Both sides run in the same invocation (one child process each, see vllm_bitcpm.sidebyside),
+Both sides run in the same invocation (one child process each, see vllm_bitcpm.testing.sidebyside),
 on the same prompt token ids. Prints a Markdown table and writes JSON to benchmarks/results/.
 The plugin's ternary layers run the op's PyTorch reference kernel until the C++ CPU kernel
 lands, so its decode speed here is the reference's, not the target.
@@ -33,9 +33,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from vllm_bitcpm import synthetic
+    from vllm_bitcpm.testing import synthetic
     from vllm_bitcpm.config import register_config
-    from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+    from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 
     model = args.model
     if model is None:

@@ -33,7 +33,7 @@ def vm_hwm_mib() -> float:
 def child() -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_bitcpm.sidebyside import emit_result, inspect_linear_layers, read_payload
+    from vllm_bitcpm.testing.sidebyside import emit_result, inspect_linear_layers, read_payload
 
     spec = read_payload()
     started = time.perf_counter()
@@ -71,8 +71,9 @@ def main() -> None:
 
     from engine_sides import machine
 
-    from vllm_bitcpm import packed_checkpoint, synthetic
-    from vllm_bitcpm.sidebyside import run_child
+    from vllm_bitcpm import packed_checkpoint
+    from vllm_bitcpm.testing import synthetic
+    from vllm_bitcpm.testing.sidebyside import run_child
 
     source = Path(args.model or Path(args.checkpoints) / f"synthetic-{args.shape}")
     if args.model is None and not (source / "config.json").exists():

@@ -2,7 +2,7 @@
 
 Engine starts are the expensive part of the suite, so every test that needs stock vLLM or
 vLLM + plugin reads from one session-wide run per side (each a single child process that
-starts one in-process engine per checkpoint; see vllm_bitcpm.sidebyside).
+starts one in-process engine per checkpoint; see vllm_bitcpm.testing.sidebyside).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ settings.register_profile("ci", max_examples=40, deadline=None)
 settings.register_profile("long", max_examples=1000, deadline=None)
 settings.load_profile("ci")
 
-from vllm_bitcpm import synthetic
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing import synthetic
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 
 MAX_TOKENS = 32
 LOGPROBS = 10
@@ -132,7 +132,7 @@ def plugin_runs(checkpoint_dir, prompt_ids) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def reference_logits(checkpoint_dir, prompt_ids):
     """float64 next-token logits of the independent reference, per ternary checkpoint."""
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     out = {}
     for name in (*TERNARY_GRANULARITIES, "dense", "mixed"):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_bitcpm.accuracy import (
+from vllm_bitcpm.testing.accuracy import (
     ACCURACY_BAR,
     bar_failures,
     compare_next_token,

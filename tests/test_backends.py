@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 
-from vllm_bitcpm import accuracy, backends, int4_repack, ternary
+from vllm_bitcpm import backends, int4_repack, ternary
 from vllm_bitcpm.ops import cpu as cpu_kernel
-from vllm_bitcpm.sidebyside import EngineJob, child_env, run_engine_jobs
+from vllm_bitcpm.testing import accuracy
+from vllm_bitcpm.testing.sidebyside import EngineJob, child_env, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS
 from tests.test_engine import _outputs
 

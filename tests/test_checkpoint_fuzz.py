@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_bitcpm import packed_checkpoint as pc
-from vllm_bitcpm import synthetic
+from vllm_bitcpm.testing import synthetic
 from vllm_bitcpm.checkpoint_files import MAX_HEADER_BYTES, CorruptCheckpointError, SafetensorsReader
 
 FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -1,5 +1,5 @@
 """vllm_bitcpm.cpu_fused: LongRoPE and RMSNorm through vLLM's fused CPU kernels, against float64
-formulas (vllm_bitcpm.reference_model), and only while the model has ternary layers."""
+formulas (vllm_bitcpm.testing.reference_model), and only while the model has ternary layers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_bitcpm import cpu_fused, reference_model
+from vllm_bitcpm import cpu_fused
+from vllm_bitcpm.testing import reference_model
 
 pytestmark = pytest.mark.skipif(not cpu_fused.fused_kernels_available(),
                                 reason="vLLM's CPU kernels (_C.rotary_embedding, _C.rms_norm) are not available")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_bitcpm import accuracy
+from vllm_bitcpm.testing import accuracy
 from tests.conftest import FIGURES, MAX_TOKENS, TERNARY_GRANULARITIES
 
 #: A step whose top-2 logprobs (of the run being matched) are this close may flip either way.
@@ -107,7 +107,7 @@ def test_bf16_engine_decodes_like_stock_bf16_within_bf16_rounding(stock_runs, pl
     reference prefers the plugin's token, or separates the two by less than stock bf16's own
     measured log-prob error.
     """
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     references = reference_logits["per_row"]  # the bf16 runs load the per_row checkpoint
     stock, plugin = (_next_token_summary(run["bf16"], references) for run in (stock_runs, plugin_runs))

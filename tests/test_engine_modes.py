@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vllm_bitcpm.ops import cpu as cpu_kernel
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 from vllm_bitcpm.testing import isa_mode
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_bitcpm import accuracy
+from vllm_bitcpm.testing import accuracy
 from vllm_bitcpm.lm_head import quantize_rows_int8
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS
 from tests.test_engine import _outputs
 

@@ -14,8 +14,9 @@ import pytest
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy
 from tests.test_packed_checkpoint import copy_with_doubled_scales
-from vllm_bitcpm import cli, synthetic
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm import cli
+from vllm_bitcpm.testing import synthetic
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 
 #: name -> (shape, write_checkpoint keyword arguments)
 SOURCES = {

@@ -21,7 +21,7 @@ from vllm.model_executor.layers import linear
 
 from vllm_bitcpm import cli, ternary
 from vllm_bitcpm.quantization import BitCPMConfig
-from vllm_bitcpm.synthetic import (
+from vllm_bitcpm.testing.synthetic import (
     FAMILY_SHAPES,
     SHAPES,
     UNVERIFIED_SHAPES,

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_bitcpm import packed_checkpoint as pc
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS
 from tests.test_backends import _next_token, needs_cpu_wna16
 from tests.test_engine import _outputs
@@ -84,7 +84,7 @@ def test_keep_dense_and_quantized_sources_are_refused(checkpoint_dir, gptq_dirs,
 def _stock_bf16_error(stock_runs, prompt_ids, checkpoint_dir, steps: int = 8) -> float:
     """Stock vLLM bf16's largest log-prob error vs float64 on the token it chose, over its own first
     ``steps`` greedy steps (per_row): how far bf16 rounding alone moves a token's log-prob here."""
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     model = ReferenceMiniCPM.from_pretrained(checkpoint_dir / "per_row", dtype=torch.float64)
     worst = 0.0
@@ -105,7 +105,7 @@ def test_stock_vllm_serves_the_export_like_the_dense_source(checkpoint_dir, gptq
     bf16's own log-prob error (a bf16 near-tie). Against the plugin on the source the export differs
     exactly where stock dense does (the plugin rounds bf16 differently; tests/test_engine.py bounds
     that): reported as a figure."""
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     job = dict(prompts=prompt_ids, max_tokens=8, logprobs=LOGPROBS, dtype="bfloat16", trust_remote_code=True)
     export, dense = run_engine_jobs([EngineJob(model=str(gptq_dirs[name]), **job),

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import FIGURES
-from vllm_bitcpm import synthetic
+from vllm_bitcpm.testing import synthetic
 
 gguf = pytest.importorskip("gguf", reason="the gguf package comes with the [bench] extra")
 
@@ -153,7 +153,7 @@ def test_llama_cpp_runs_the_same_model_as_the_float64_reference(small):
     """llama.cpp's logits (int8 activations in its TQ2_0 dot product) track the float64 forward."""
     import llama_cpp
 
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     model, path = small
     prompt = [1, 17, 230, 5, 981, 44, 302, 12]

@@ -13,9 +13,9 @@ import random
 
 import pytest
 
-from vllm_bitcpm import accuracy, synthetic
-from vllm_bitcpm.reference_model import ReferenceMiniCPM
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm.testing import accuracy, synthetic
+from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 from tests.conftest import FIGURES
 from tests.test_engine import _outputs
 

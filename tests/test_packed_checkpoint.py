@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_bitcpm import packed_checkpoint as pc
-from vllm_bitcpm import synthetic, ternary
-from vllm_bitcpm.sidebyside import EngineJob, run_engine_jobs
+from vllm_bitcpm import ternary
+from vllm_bitcpm.testing import synthetic
+from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS, TERNARY_GRANULARITIES
 from tests.test_engine import _outputs
 

@@ -98,7 +98,7 @@ def test_reference_forward_reproduces_training_forward(trained):
     """The written files, run by the independent reference, give the model that was trained."""
     from safetensors.torch import load_file
 
-    from vllm_bitcpm.reference_model import ReferenceMiniCPM
+    from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM
 
     config = json.loads((trained / "config.json").read_text())
     model = qat_training.QATMiniCPM.from_exported(RECIPE, config, load_file(str(trained / "model.safetensors")))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from vllm_bitcpm.accuracy import bar_failures, compare_next_token, meets_accuracy_bar, summarize
-from vllm_bitcpm.reference_model import ReferenceMiniCPM, rms_norm, rope_cos_sin, rotate_half
-from vllm_bitcpm.synthetic import REPORT_PROMPTS, TEST_PROMPTS, write_checkpoint
+from vllm_bitcpm.testing.accuracy import bar_failures, compare_next_token, meets_accuracy_bar, summarize
+from vllm_bitcpm.testing.reference_model import ReferenceMiniCPM, rms_norm, rope_cos_sin, rotate_half
+from vllm_bitcpm.testing.synthetic import REPORT_PROMPTS, TEST_PROMPTS, write_checkpoint
 
 
 @pytest.fixture(scope="module")

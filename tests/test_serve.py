@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import requests
 
-from vllm_bitcpm import synthetic
+from vllm_bitcpm.testing import synthetic
 from vllm_bitcpm.testing.serve import ServerFailed, vllm_serve
 
 

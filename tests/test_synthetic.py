@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vllm_bitcpm import synthetic, ternary
-from vllm_bitcpm.synthetic import (
+from vllm_bitcpm import ternary
+from vllm_bitcpm.testing import synthetic
+from vllm_bitcpm.testing.synthetic import (
     REPORT_PROMPTS,
     SHAPES,
     TEST_PROMPTS,
@@ -264,8 +265,10 @@ def test_other_architectures_load_with_transformers_builtin_configs(shape, tmp_p
 
 
 def test_cli_writes_custom_intermediate_size(tmp_path):
-    synthetic._main([str(tmp_path / "cli"), "--shape", "tiny", "--granularity", "per_group",
-                     "--group-size", "32", "--intermediate-size", "200", "--dtype", "float32"])
+    from vllm_bitcpm.testing.synthetic.__main__ import main
+
+    main([str(tmp_path / "cli"), "--shape", "tiny", "--granularity", "per_group",
+          "--group-size", "32", "--intermediate-size", "200", "--dtype", "float32"])
     config = _config(tmp_path / "cli")
     assert config["intermediate_size"] == 200 and config["torch_dtype"] == "float32"
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"demo: no trained model in {args.trained} (`python -m vllm_bitcpm.demo --train` trains one, "
                       "about 15 min once); using random synthetic weights, whose text is gibberish")
         if model is None:
-            from vllm_bitcpm import synthetic
+            from vllm_bitcpm.testing import synthetic
 
             synthetic_weights = True
             # Removed on exit, error or not: the demo leaves nothing behind.
@@ -69,7 +69,7 @@ def _run(model: str, args, synthetic_weights: bool) -> None:
     prompt = args.prompt or SYNTHETIC_PROMPT
     from vllm import LLM, SamplingParams
 
-    from vllm_bitcpm.sidebyside import inspect_linear_layers
+    from vllm_bitcpm.testing.sidebyside import inspect_linear_layers
 
     llm = LLM(
         model=model,

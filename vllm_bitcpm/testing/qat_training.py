@@ -36,8 +36,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vllm_bitcpm import synthetic
-from vllm_bitcpm.reference_model import rms_norm, rope_cos_sin, rotate_half
+from vllm_bitcpm.testing import synthetic
+from vllm_bitcpm.testing.reference_model import rms_norm, rope_cos_sin, rotate_half
 
 __all__ = ["RECIPES", "TRAINING_RECORD", "QATMiniCPM", "TrainingRecipe", "ensure_trained", "fake_quantize",
            "ternary_quantize", "train"]

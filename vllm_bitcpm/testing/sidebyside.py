@@ -2,7 +2,7 @@
 
 Plugins register process-wide (model registry, quantization methods), so stock and plugin runs
 cannot share a process. Each :func:`run_engine_jobs` call starts one child process
-(``python -m vllm_bitcpm.sidebyside``) with ``VLLM_PLUGINS`` set to enable or disable the
+(``python -m vllm_bitcpm.testing.sidebyside``) with ``VLLM_PLUGINS`` set to enable or disable the
 plugin; the child runs every job with the real ``vllm.LLM`` engine, in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, a small KV cache) so each engine starts in seconds, and
 returns tokens, per-step top-k logprobs and what the plugin did to the linear layers.
@@ -93,7 +93,7 @@ def run_engine_jobs(
     can assert on the message users would see.
     """
     results, log = run_child(
-        [sys.executable, "-m", "vllm_bitcpm.sidebyside"],
+        [sys.executable, "-m", "vllm_bitcpm.testing.sidebyside"],
         [dataclasses.asdict(job) for job in jobs], plugin, timeout, extra_env,
     )
     for result in results:
