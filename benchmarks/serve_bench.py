@@ -3,21 +3,31 @@
     .venv/bin/python benchmarks/serve_bench.py                      # synthetic BitCPM4-0.5B, concurrency 1 4 16 32
     .venv/bin/python benchmarks/serve_bench.py --mix prompt-heavy   # 1024 in / 32 out: prefill under load
     .venv/bin/python benchmarks/serve_bench.py --model PATH --concurrency 1 8
+    .venv/bin/python benchmarks/serve_bench.py --peers llama-server --llama-threads 2 1
     .venv/bin/python benchmarks/serve_bench.py --smoke              # tiny model, few requests (CI)
 
-For each side (stock vLLM with the plugin disabled, then vLLM + bitcpm) this starts ``vllm serve``
-on 127.0.0.1 as a user does (the console script; vLLM's own process layout and thread binding),
-and for each concurrency runs ``vllm bench serve --dataset-name random`` with fixed input and
-output lengths (``--ignore-eos``), saving vLLM's result JSON. Collected per side and concurrency:
-request throughput, output tok/s, TTFT / TPOT / ITL mean, p50 and p99. Writes
-benchmarks/results/serve_bench.json (+ vLLM's raw result files beside it in serve_bench/), a plot
-and a Markdown table. Sides run one after the other: one server at a time on this machine.
+For each side (stock vLLM with the plugin disabled, vLLM + bitcpm, and with its int8 options) this
+starts ``vllm serve`` on 127.0.0.1 as a user does (the console script; vLLM's own process layout
+and thread binding), and for each concurrency runs ``vllm bench serve --dataset-name random`` with
+fixed input and output lengths (``--ignore-eos``), saving vLLM's result JSON. ``--peers
+llama-server`` adds llama.cpp's own server on the GGUF of the same checkpoint (TQ2_0 linears,
+benchmarks/llama_server.py), as many slots as the highest concurrency, continuous batching, the
+same per-request context, driven by the same command (``--backend openai``). Collected per side
+and concurrency: request throughput, output tok/s, TTFT / TPOT / ITL mean, p50 and p99, and the
+tokens each server itself counts (its /metrics): every side must generate every request's full
+length, and output tok/s is those server-counted tokens over the run's duration (``vllm bench
+serve`` re-tokenizes a server's text when no usage chunk reaches it, which undercounts random
+weights' output). Writes benchmarks/results/serve_bench.json (+ the raw result files and server
+logs beside it in serve_bench/), a plot and a Markdown table. Sides run one after the other: one
+server at a time on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,23 +37,35 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_source_arguments, machine, machine_name, resolve_model,
+    RESULTS_DIR, SIDE_LABELS, add_source_arguments, apply_isa_mode, machine, machine_name, resolve_model,
 )
 
-SIDES = {"stock": False, "plugin": True}
+#: vLLM sides: plugin on or off, and the environment that selects its options.
+SIDES = {"stock": (False, {}), "plugin": (True, {}),
+         "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"})}
+PEERS = ("llama-server",)
 METRICS = ("ttft", "tpot", "itl")
 PERCENTILES = (50, 99)
 #: Request shapes (input tokens, output tokens): a chat-like default and a prompt-heavy mix, where
 #: prefill (the ternary GEMM) dominates the server's time.
 MIXES = {"chat": (128, 64), "prompt-heavy": (1024, 32)}
-SMOKE = {"synthetic": "tiny", "concurrency": [1, 4], "num_prompts": 8, "input_len": 32, "output_len": 8,
-         "eager": True}
+SMOKE = {"synthetic": "tiny", "sides": ["stock", "plugin"], "concurrency": [1, 4], "num_prompts": 8,
+         "input_len": 32, "output_len": 8, "eager": True}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
-    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--sides", nargs="*", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
+                        help="other servers driven by the same command (llama-server: scripts/setup-llama-cpp.sh)")
+    parser.add_argument("--llama-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
+                        help="llama-server --threads, one side each (default: every CPU, as a user starts it)")
+    parser.add_argument("--llama-head", nargs="+", default=["q8_0"], choices=["f16", "q8_0"],
+                        help="llama-server GGUF head type, one side each (linears are TQ2_0)")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: AVX2 mode on an AVX512 machine (vllm_bitcpm/testing/isa_mode.py) and "
+                             "llama-server's AVX2-only build")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--mix", choices=list(MIXES), default="chat",
                         help="request shape: " + ", ".join(f"{k} {i} in / {o} out" for k, (i, o) in MIXES.items())
@@ -79,16 +101,45 @@ def server_args(args) -> list[str]:
     return out + (["--enforce-eager"] if args.eager else [])
 
 
-def bench_command(server, model: str, args, concurrency: int, result_dir: Path, name: str) -> list[str]:
-    prompts = args.num_prompts or max(8, 4 * concurrency)
-    return [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
+def num_prompts(args, concurrency: int) -> int:
+    return args.num_prompts or max(8, 4 * concurrency)
+
+
+def bench_command(server, model: str, args, concurrency: int, result_dir: Path, name: str,
+                  backend: str = "vllm") -> list[str]:
+    """``vllm bench serve`` as a user runs it; ``backend`` "openai" for servers other than vLLM."""
+    endpoint = ["--endpoint", "/v1/completions"] if backend == "openai" else []
+    return [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", backend, *endpoint,
             "--base-url", server.base_url, "--model", server.model_name, "--tokenizer", model,
             "--trust-remote-code", "--dataset-name", "random", "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
+            "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts(args, concurrency)),
             "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0", "--disable-tqdm",
             "--percentile-metrics", ",".join(METRICS),
             "--metric-percentiles", ",".join(str(p) for p in PERCENTILES),
-            "--save-result", "--result-dir", str(result_dir), "--result-filename", name]
+            "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", name,
+            # A fresh connection per request, for every server: llama-server (cpp-httplib) closes
+            # idle keep-alive connections that aiohttp's pool then reuses, and vllm bench serve
+            # counts those requests as failed (2 of 40 in a test here; 0 with this header).
+            "--header", "Connection=close"]
+
+
+#: Per-request lists --save-detailed adds to vLLM's result file: read here, then left out of the
+#: saved copy (they would add ~100 KB per run to the repository).
+PER_REQUEST = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "queue_times",
+               "generated_texts", "errors")
+
+
+def tpot_from_chunks(raw: dict, output_len: int) -> list[float]:
+    """Per-request time per output token (ms) from the streamed chunk gaps and the known length.
+
+    vLLM's own TPOT divides by the token count it gets from a usage chunk, else by re-tokenizing
+    the streamed text; llama-server sends usage in its last chunk beside a choice, which
+    ``vllm bench serve`` does not read, and random weights' text re-tokenizes short. Every side
+    here generates exactly ``output_len`` tokens (--ignore-eos, checked against the server's own
+    count), so (latency - TTFT) / (output_len - 1) is the same figure for every server."""
+    if output_len < 2:
+        return []
+    return [sum(itl) * 1000 / (output_len - 1) for itl, err in zip(raw["itls"], raw["errors"]) if not err]
 
 
 def summarize(raw: dict) -> dict:
@@ -102,58 +153,141 @@ def summarize(raw: dict) -> dict:
     return out
 
 
+def side_names(args) -> list[str]:
+    """vLLM sides, then one llama-server side per head type and thread count."""
+    peers = [f"llama-server-{head}-t{threads}" for head in args.llama_head for threads in args.llama_threads
+             if "llama-server" in args.peers]
+    return [*args.sides, *peers]
+
+
+def side_label(side: str) -> str:
+    if side.startswith("llama-server-"):
+        _, _, head, threads = side.split("-")
+        return f"llama-server TQ2_0{' + Q8_0 head' if head == 'q8_0' else ''}, {threads[1:]} thr"
+    return SIDE_LABELS[side]
+
+
+@contextlib.contextmanager
+def start_server(side: str, model: str, args, raw_dir: Path):
+    """The side's server, started as its users start it; yields (server, backend, metrics kind)."""
+    log = raw_dir / f"server-{side}.log"
+    if side.startswith("llama-server-"):
+        from llama_cpp_peer import ensure_gguf
+        from llama_server import llama_serve
+
+        _, _, head, threads = side.split("-")
+        threads = int(threads[1:])
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
+        with llama_serve(ensure_gguf(model, head), log, slots=max(args.concurrency), ctx_per_slot=args.max_model_len,
+                         threads=threads, cpus=cpus, isa=args.isa) as server:
+            yield server, "openai", "llama-server"
+        return
+    from vllm_bitcpm.testing.serve import vllm_serve
+
+    plugin, env = SIDES[side]
+    with vllm_serve(model, log, plugin=plugin, served_name="bench-model", args=server_args(args), env=env) as server:
+        yield server, "vllm", "vllm"
+
+
+def server_counts(server, kind: str) -> dict:
+    """Generated and prompt tokens the server itself has counted so far (its /metrics)."""
+    from llama_server import GENERATED_COUNTERS, PROMPT_COUNTERS, counter
+
+    return {"generated": counter(server.base_url, GENERATED_COUNTERS[kind]),
+            "prompt": counter(server.base_url, PROMPT_COUNTERS[kind])}
+
+
+def run_level(server, backend: str, kind: str, model: str, args, concurrency: int, raw_dir: Path, name: str) -> dict:
+    """One ``vllm bench serve`` run; its figures with the server's own token counts beside them."""
+    before = server_counts(server, kind)
+    try:
+        proc = subprocess.run(bench_command(server, model, args, concurrency, raw_dir, name, backend),
+                              capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        return {"error": "vllm bench serve did not finish within 3600 s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    after = server_counts(server, kind)
+    raw_file = raw_dir / name
+    raw = json.loads(raw_file.read_text())
+    out = summarize(raw)
+    expected = num_prompts(args, concurrency) * args.output_len  # (vllm bench's ready check is off by default)
+    delta = {k: None if None in (before[k], after[k]) else after[k] - before[k] for k in before}
+    generated = delta["generated"]
+    out.update({"bench_output_throughput": out["output_throughput"], "bench_p50_tpot_ms": out["p50_tpot_ms"],
+                "bench_p99_tpot_ms": out["p99_tpot_ms"], "server_generated_tokens": generated,
+                "server_prompt_tokens": delta["prompt"], "expected_generated_tokens": expected,
+                "full_length": generated == expected,
+                "request_errors": sorted({e.strip().splitlines()[-1][:200] for e in raw.get("errors", []) if e})})
+    if generated is not None and out.get("duration"):
+        out["output_throughput"] = generated / out["duration"]
+    tpots = tpot_from_chunks(raw, args.output_len) if "itls" in raw else []
+    if tpots:
+        import numpy as np
+
+        out.update({"mean_tpot_ms": float(np.mean(tpots)),
+                    **{f"p{p}_tpot_ms": float(np.percentile(tpots, p)) for p in PERCENTILES}})
+    raw_file.write_text(json.dumps({k: v for k, v in raw.items() if k not in PER_REQUEST}, indent=1) + "\n")
+    return out
+
+
 def run_side(side: str, model: str, args, raw_dir: Path) -> dict:
-    from vllm_bitcpm.testing.serve import ServerFailed, vllm_serve
+    from vllm_bitcpm.testing.serve import ServerFailed
 
     results = {}
     started = time.perf_counter()
     try:
-        with vllm_serve(model, raw_dir / f"server-{side}.log", plugin=SIDES[side], served_name="bench-model",
-                        args=server_args(args)) as server:
+        with start_server(side, model, args, raw_dir) as (server, backend, kind):
             ready = time.perf_counter() - started
             for concurrency in args.concurrency:
-                name = f"{side}-c{concurrency}.json"
-                try:
-                    proc = subprocess.run(bench_command(server, model, args, concurrency, raw_dir, name),
-                                          capture_output=True, text=True, timeout=3600)
-                except subprocess.TimeoutExpired:
-                    results[str(concurrency)] = {"error": "vllm bench serve did not finish within 3600 s"}
-                    continue
-                if proc.returncode != 0:
-                    results[str(concurrency)] = {"error": (proc.stderr or proc.stdout)[-2000:]}
-                    continue
-                results[str(concurrency)] = summarize(json.loads((raw_dir / name).read_text()))
+                results[str(concurrency)] = run_level(server, backend, kind, model, args, concurrency, raw_dir,
+                                                      f"{side}-c{concurrency}.json")
             log = server.log.read_text()
-    except ServerFailed as error:
+    except (ServerFailed, FileNotFoundError) as error:
         return {"error": str(error)[-3000:]}
     return {"server_ready_seconds": ready, "by_concurrency": results,
+            "server_command": log.splitlines()[0][2:] if log.startswith("$ ") else None,
             "plugin_log": next((line.split("] ", 1)[-1] for line in log.splitlines() if "bitcpm: packed" in line), None)}
 
 
 def markdown(result: dict) -> str:
+    """One table: a row per concurrency and metric, a column per side, each ratio to stock beside it."""
     sides = [s for s in result["sides"] if "error" not in result["sides"][s]]
+    base = "stock" if "stock" in sides else None
     lines = [f"`vllm bench serve` (random dataset, {result['input_len']} in / {result['output_len']} out, "
-             f"--ignore-eos) against `vllm serve` ({'eager' if result['eager'] else 'torch.compile'}, "
-             f"{result['dtype']}); {Path(result['model']).name} on {machine_name(result['machine'])}", "",
-             "| concurrency | metric | " + " | ".join(SIDE_LABELS[s] for s in sides)
-             + (" | bitcpm / stock |" if len(sides) == 2 else " |"),
-             "|" + "---|" * (2 + len(sides) + (1 if len(sides) == 2 else 0))]
-    rows = [("request_throughput", "requests/s", "{:.2f}", True), ("output_throughput", "output tok/s", "{:.1f}", True),
-            *[(f"{stat}_{m}_ms", f"{m.upper()} {stat} (ms)", "{:.1f}", False)
-              for m in METRICS for stat in ("p50", "p99")]]
+             f"--ignore-eos) against each server ({'eager' if result['eager'] else 'torch.compile'} vLLM, "
+             f"{result['dtype']}); {Path(result['model']).name} on {machine_name(result['machine'])}. "
+             "Output tok/s counts the tokens each server reports generating (its /metrics); TPOT is "
+             "(latency - TTFT) / (output tokens - 1) per request"
+             + (f"; (x) is the ratio to {side_label(base)}" if base else "") + ".", "",
+             "| concurrency | metric | " + " | ".join(side_label(s) for s in sides) + " |",
+             "|" + "---|" * (2 + len(sides))]
+    rows = [("failed", "failed requests", "{:d}"),
+            ("request_throughput", "requests/s", "{:.2f}"), ("output_throughput", "output tok/s", "{:.1f}"),
+            *[(f"{stat}_{m}_ms", f"{m.upper()} {stat} (ms)", "{:.1f}") for m in METRICS for stat in ("p50", "p99")]]
     for c in result["concurrency"]:
-        for key, label, fmt, higher_better in rows:
-            values = [result["sides"][s]["by_concurrency"].get(str(c), {}).get(key) for s in sides]
-            cells = ["-" if v is None else fmt.format(v) for v in values]
-            if len(sides) == 2:
-                cells.append(f"{values[1] / values[0]:.2f}x" if None not in values and values[0] else "-")
+        for key, label, fmt in rows:
+            level = {s: result["sides"][s]["by_concurrency"].get(str(c), {}) for s in sides}
+            ref = level[base].get(key) if base else None
+            cells = []
+            for s in sides:
+                v = level[s].get(key)
+                cell = "-" if v is None else fmt.format(v)
+                if v is not None and ref and s != base and key != "failed":
+                    cell += f" ({v / ref:.2f}x)"
+                if key == "output_throughput" and level[s] and not level[s].get("full_length", True):
+                    cell += " (short outputs)"
+                cells.append(cell)
             lines.append(f"| {c} | {label} | " + " | ".join(cells) + " |")
     for side, r in result["sides"].items():
         if "error" in r:
-            lines.append(f"\n{SIDE_LABELS[side]} failed: {r['error'][-500:]}")
+            lines.append(f"\n{side_label(side)} failed: {r['error'][-500:]}")
         for c, m in r.get("by_concurrency", {}).items():
             if "error" in m:
-                lines.append(f"\n{SIDE_LABELS[side]}, concurrency {c} failed: {m['error'][-500:]}")
+                lines.append(f"\n{side_label(side)}, concurrency {c} failed: {m['error'][-500:]}")
+            elif not m.get("full_length", True):
+                lines.append(f"\n{side_label(side)}, concurrency {c}: the server generated "
+                             f"{m['server_generated_tokens']} tokens, {m['expected_generated_tokens']} expected")
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +307,7 @@ def plot(result: dict, path: Path) -> bool:
             if "error" in r:
                 continue
             xs = [c for c in result["concurrency"] if r["by_concurrency"].get(str(c), {}).get(key) is not None]
-            ax.plot(xs, [r["by_concurrency"][str(c)][key] for c in xs], marker="o", label=SIDE_LABELS[side])
+            ax.plot(xs, [r["by_concurrency"][str(c)][key] for c in xs], marker="o", label=side_label(side))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("max concurrency")
         ax.set_title(label, fontsize=9)
@@ -189,19 +323,25 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    apply_isa_mode(args)
     model = resolve_model(args)
     raw_dir = args.out.with_suffix("")
     raw_dir.mkdir(parents=True, exist_ok=True)
     sides = {}
-    for side in tqdm(args.sides, unit="server", desc="sides"):
+    for side in tqdm(side_names(args), unit="server", desc="sides"):
         sides[side] = run_side(side, model, args, raw_dir)
     from engine_sides import engine_platform
 
     result = {"kind": "bitcpm-serve-bench", "model": model, "machine": machine(engine_platform()),
-              "dtype": args.dtype,
+              "dtype": args.dtype, "isa_mode": args.isa,
               "eager": args.eager, "mix": args.mix, "input_len": args.input_len, "output_len": args.output_len,
               "concurrency": args.concurrency, "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "command": " ".join(["python", "benchmarks/serve_bench.py", *(argv or sys.argv[1:])]), "sides": sides}
+    if "llama-server" in args.peers:
+        from llama_server import version
+
+        with contextlib.suppress(FileNotFoundError):
+            result["llama_server_version"] = version(args.isa)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     args.out.with_suffix(".md").write_text(text)

@@ -259,9 +259,43 @@ def test_serve_bench_smoke(tmp_path):
             assert m["completed"] == 8 and m["failed"] == 0 and m["max_concurrency"] == int(c)
             assert m["output_throughput"] > 0 and 0 < m["p50_ttft_ms"] <= m["p99_ttft_ms"]
             assert m["p50_tpot_ms"] > 0 and m["p99_itl_ms"] > 0
+            # the server's own count (/metrics): 8 requests of 8 tokens
+            assert m["server_generated_tokens"] == m["expected_generated_tokens"] == 8 * 8 and m["full_length"]
     assert "bitcpm: packed" in result["sides"]["plugin"]["plugin_log"]
     assert result["sides"]["stock"]["plugin_log"] is None
     assert (tmp_path / "serve_bench" / "plugin-c4.json").exists() and out.with_suffix(".png").exists()
+
+
+def _llama_server_missing() -> str | None:
+    return _benchmark_module("llama_server").installed()
+
+
+@pytest.mark.skipif(_llama_server_missing() is not None, reason=str(_llama_server_missing()))
+def test_serve_bench_llama_server_peer(tmp_path):
+    """serve_bench.py --peers llama-server: llama.cpp's server on the GGUF of the same checkpoint,
+    driven by the same `vllm bench serve` command; every request generates its full length by the
+    server's own count, and the plugin side beside it does too."""
+    out = tmp_path / "serve_bench.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "serve_bench.py"), "--synthetic", "small",
+                           "--checkpoints", str(tmp_path / "checkpoints"), "--sides", "plugin",
+                           "--peers", "llama-server", "--llama-threads", "1", "--concurrency", "1", "4",
+                           "--num-prompts", "8", "--input-len", "32", "--output-len", "8", "--eager",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["sides"]) == {"plugin", "llama-server-q8_0-t1"}
+    peer = result["sides"]["llama-server-q8_0-t1"]
+    assert "error" not in peer, peer.get("error")
+    assert "--parallel 4" in peer["server_command"] and "--threads 1" in peer["server_command"]
+    for side in result["sides"].values():
+        for c in ("1", "4"):
+            m = side["by_concurrency"][c]
+            assert "error" not in m, m.get("error")
+            assert m["completed"] == 8 and m["failed"] == 0, m
+            assert m["server_generated_tokens"] == m["expected_generated_tokens"] == 64 and m["full_length"]
+            assert m["output_throughput"] > 0 and m["p50_ttft_ms"] > 0
+    assert result["llama_server_version"]
+    assert "llama-server TQ2_0 + Q8_0 head, 1 thr" in out.with_suffix(".md").read_text()
 
 
 def test_soak_short(tmp_path):

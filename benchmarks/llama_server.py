@@ -1,0 +1,156 @@
+"""llama.cpp's own ``llama-server`` as a serving peer: started on 127.0.0.1 the way a user starts it.
+
+    .venv/bin/python benchmarks/serve_bench.py --peers llama-server          # drives it like vllm serve
+    .venv/bin/python benchmarks/llama_server.py --version [--isa avx2]       # which build would run
+
+Why: a user with a BitCPM model and a CPU weighs ``vllm serve`` against llama-server (or Ollama,
+built on the same code), so serve_bench.py measures both with the same ``vllm bench serve``
+command. The binaries come from the llama.cpp tree the pinned llama-cpp-python sdist vendors,
+built by ``bash scripts/setup-llama-cpp.sh --server-only`` into build/llama-server/<native|avx2>/.
+The model is the GGUF benchmarks/llama_cpp_peer.py writes of the same checkpoint (TQ2_0 linears,
+checked lossless; F16 or Q8_0 head). The server gets ``--parallel`` slots with continuous
+batching, each slot the context vLLM's ``--max-model-len`` gives a request (``--no-kv-unified``),
+``--metrics`` so the harness counts generated tokens from the server itself: ``vllm bench serve``
+re-tokenizes a non-vLLM server's streamed text when no usage arrives, which undercounts the
+outputs of random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BUILD_DIR = ROOT / "build" / "llama-server"
+SETUP_HINT = "bash scripts/setup-llama-cpp.sh --server-only"
+STARTUP_TIMEOUT_S = 300
+#: Prometheus counters llama-server exports with --metrics, and vLLM's equivalents.
+GENERATED_COUNTERS = {"llama-server": "llamacpp:tokens_predicted_total", "vllm": "vllm:generation_tokens_total"}
+PROMPT_COUNTERS = {"llama-server": "llamacpp:prompt_tokens_total", "vllm": "vllm:prompt_tokens_total"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def build_flavour(isa: str) -> str:
+    """The build that runs for ``isa`` ('native' or 'avx2'). Where the CPU has nothing past AVX2
+    (no AVX512, no AVX-VNNI) the native build is the AVX2 one and setup builds no twin."""
+    if isa == "avx2" and _cpu_flags() & {"avx512f", "avx_vnni"}:
+        return "avx2"
+    return "native"
+
+
+def binary(name: str, isa: str = "native") -> Path:
+    """Path of ``llama-server`` / ``llama-bench`` for ``isa``; FileNotFoundError says how to build it."""
+    path = BUILD_DIR / build_flavour(isa) / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"no {name} at {path}: run {SETUP_HINT}")
+    return path
+
+
+def installed(isa: str = "native") -> str | None:
+    """None when the llama-server peer can run, else why not (one line)."""
+    try:
+        binary("llama-server", isa)
+    except FileNotFoundError as error:
+        return str(error)
+    import importlib.util
+
+    # The GGUF writer (llama_cpp_peer.write_gguf) needs the gguf package; llama-cpp-python is not needed.
+    if importlib.util.find_spec("gguf") is None:
+        return f"the gguf package is not installed ({SETUP_HINT})"
+    return None
+
+
+def version(isa: str = "native") -> str:
+    """llama-server's own ``--version`` line (build number and commit)."""
+    proc = subprocess.run([str(binary("llama-server", isa)), "--version"], capture_output=True, text=True, timeout=60)
+    return " ".join((proc.stdout + proc.stderr).split())
+
+
+def server_command(gguf: Path, port: int, slots: int, ctx_per_slot: int, threads: int, isa: str,
+                   alias: str) -> list[str]:
+    """The command line: continuous batching over ``slots`` slots of ``ctx_per_slot`` tokens each."""
+    return [str(binary("llama-server", isa)), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "--alias", alias, "--parallel", str(slots), "--cont-batching", "--no-kv-unified",
+            "--ctx-size", str(slots * ctx_per_slot), "--threads", str(threads), "--threads-batch", str(threads),
+            "--metrics", "--no-webui"]
+
+
+@contextlib.contextmanager
+def llama_serve(gguf: Path, log: Path, slots: int, ctx_per_slot: int, threads: int, cpus: str | None = None,
+                isa: str = "native", alias: str = "bench-model",
+                timeout: float = STARTUP_TIMEOUT_S) -> Iterator:
+    """Start llama-server pinned to ``cpus`` (comma list; all when None), wait for /health, yield a
+    ``vllm_bitcpm.testing.serve.Server``; SIGINT on exit (SIGKILL after 30 s)."""
+    import requests
+
+    from vllm_bitcpm.testing.serve import Server, ServerFailed, free_port
+
+    port = free_port()
+    command = server_command(gguf, port, slots, ctx_per_slot, threads, isa, alias)
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise ServerFailed(f"llama-server exited with {process.returncode}:\n{log.read_text()[-6000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"llama-server not healthy after {timeout:.0f}s:\n{log.read_text()[-6000:]}")
+            time.sleep(0.5)
+        yield Server(base, process, log, alias)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def counter(base_url: str, name: str) -> float | None:
+    """One Prometheus counter from the server's /metrics (None when it does not export it)."""
+    import requests
+
+    text = requests.get(f"{base_url}/metrics", timeout=10).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M)]
+    return sum(values) if values else None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print the build's version line")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native")
+    args = parser.parse_args(argv)
+    print(f"{binary('llama-server', args.isa)}: {version(args.isa)}")
+
+
+if __name__ == "__main__":
+    main()
