@@ -14,9 +14,11 @@ the same invocation as the vLLM sides when it is installed.
    TQ2_0, checked lossless (dequantized == the bf16 source, bit for bit); the tied embedding/head
    stays F16 as that converter leaves it (``--head q8_0``: Q8_0, the peer of the plugin's int8
    head). Cached in a gguf/ folder beside the checkpoint.
-2. A child process, pinned to the same CPUs as the engines' model threads, loads it with
-   llama-cpp-python and times what llama-bench times: prefill (one llama_decode of the 252-token
-   prompt) and decode at batch 1 (one token per llama_decode, greedy), medians over repeats.
+2. llama.cpp's own ``llama-bench`` (built by ``scripts/setup-llama-cpp.sh --server-only``), pinned
+   to the same CPUs as the engines' model threads, times prefill (pp252: one batch of the
+   252-token prompt) and decode at batch 1 (tg64 after a 16-token prompt), medians over repeats.
+   Where only llama-cpp-python is built, a child process loads the GGUF with it and times the
+   same two figures (one llama_decode of the prompt; one token per llama_decode, greedy).
    llama.cpp's own system info (the ISA its CPU backend was built for) goes into the JSON.
 """
 
@@ -219,17 +221,57 @@ def _child_env(isa: str) -> dict[str, str]:
     return env
 
 
-def installed() -> str | None:
-    """None when the peer can run, else why not (one line)."""
+def installed(isa: str = "native") -> str | None:
+    """None when the peer can run (llama.cpp's llama-bench, else llama-cpp-python), else why not."""
     try:
         import gguf  # noqa: F401
     except ImportError:
         return f"the gguf package is not installed ({SETUP_HINT})"
     import importlib.util
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        return f"llama-cpp-python is not installed ({SETUP_HINT})"
+    if llama_bench_binary(isa) is None and importlib.util.find_spec("llama_cpp") is None:
+        return f"neither llama-bench nor llama-cpp-python is built ({SETUP_HINT})"
     return None
+
+
+def llama_bench_binary(isa: str = "native") -> Path | None:
+    """llama.cpp's own llama-bench for ``isa`` (scripts/setup-llama-cpp.sh), or None."""
+    from llama_server import binary
+
+    try:
+        return binary("llama-bench", isa)
+    except FileNotFoundError:
+        return None
+
+
+def measure_llama_bench(gguf_file: Path, threads: int, cpus: str, spec: dict, isa: str = "native",
+                        timeout: float = 1800) -> dict:
+    """The same two figures timed by llama.cpp's own llama-bench, pinned to ``cpus``: pp<prefill>
+    (one batch of the prompt) and tg<decode> at depth <prompt_tokens> (one token per step);
+    its per-repetition samples give the median, as the llama-cpp-python child reports."""
+    base = ["taskset", "-c", cpus, str(llama_bench_binary(isa)), "-m", str(gguf_file), "-t", str(threads),
+            "-r", str(spec["repeats"]), "-o", "json"]
+    prefill = ["-p", str(spec["prefill_tokens"]), "-n", "0"]
+    decode = ["-p", "0", "-n", str(spec["decode_tokens"]), "-d", str(spec["prompt_tokens"])]
+    runs = []
+    for argv in ([*base, *prefill], [*base, *decode]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:500]}
+        runs.append(json.loads(proc.stdout)[0])
+    pp, tg = runs
+    prefill_s = statistics.median(ns / 1e9 for ns in pp["samples_ns"])
+    return {
+        "prefill_seconds": prefill_s,
+        "prefill_tok_per_s": spec["prefill_tokens"] / prefill_s,
+        "decode_b1_tok_per_s": statistics.median(tg["samples_ts"]),
+        "weight_gib": pp["model_size"] / 2**30,
+        "model_threads": threads,
+        "model_threads_bind": cpus,
+        "isa_paths": {"llama.cpp": f"{pp['backends']} {pp['cpu_info']}"},
+        "llama_bench": {"build_commit": pp["build_commit"], "build_number": pp["build_number"],
+                        "binary": os.path.relpath(llama_bench_binary(isa), ROOT)},
+    }
 
 
 def system_info(isa: str = "native") -> str:
@@ -310,7 +352,7 @@ def _child(job: dict) -> None:
 
 def run_peers(model: str, threads: int, cpus: str, spec: dict, isa: str, heads=("f16", "q8_0")) -> dict[str, dict]:
     """{side name: metrics} for the llama.cpp peers, or one entry with the reason they cannot run."""
-    why = installed()
+    why = installed(isa)
     if why:
         return {f"llama.cpp-{head}": {"error": why} for head in heads}
     peers = {}
@@ -320,8 +362,9 @@ def run_peers(model: str, threads: int, cpus: str, spec: dict, isa: str, heads=(
         except (GGUFExportError, FileNotFoundError, KeyError) as error:
             peers[f"llama.cpp-{head}"] = {"error": f"GGUF export: {error}"}
             continue
+        timer = measure_llama_bench if llama_bench_binary(isa) else measure
         try:
-            peers[f"llama.cpp-{head}"] = {**measure(path, threads, cpus, spec, isa), "gguf": str(path),
+            peers[f"llama.cpp-{head}"] = {**timer(path, threads, cpus, spec, isa), "gguf": str(path),
                                           "gguf_bytes": path.stat().st_size}
         except (FileNotFoundError, subprocess.TimeoutExpired) as error:
             peers[f"llama.cpp-{head}"] = {"error": str(error)}

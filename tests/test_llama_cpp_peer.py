@@ -167,3 +167,20 @@ def test_llama_cpp_runs_the_same_model_as_the_float64_reference(small):
                    f"top-10 overlap {overlap}/10, top-1 {'same' if ours.argmax() == reference.argmax() else 'differs'}")
     assert correlation > 0.99, correlation
     assert overlap >= 7
+
+
+@pytest.mark.skipif(llama_cpp_peer.llama_bench_binary() is None,
+                    reason="llama-bench is not built (bash scripts/setup-llama-cpp.sh --server-only)")
+def test_llama_bench_times_the_gguf(small):
+    """llama.cpp's own llama-bench times the peer: prefill and batch-1 decode of the same GGUF, on
+    the given CPU, with the build's commit and CPU features recorded."""
+    _, path = small
+    spec = {"prefill_tokens": 64, "decode_tokens": 8, "prompt_tokens": 16, "repeats": 2}
+    result = llama_cpp_peer.measure_llama_bench(path, 1, "0", spec)
+    assert "error" not in result, result
+    assert result["prefill_tok_per_s"] > 0 and result["decode_b1_tok_per_s"] > 0
+    assert result["prefill_seconds"] * result["prefill_tok_per_s"] == pytest.approx(64)
+    # llama-bench's model_size is the tensors' bytes: the file less its header and metadata
+    assert 0.5 * path.stat().st_size < result["weight_gib"] * 2**30 <= path.stat().st_size
+    assert result["model_threads_bind"] == "0" and result["llama_bench"]["build_commit"]
+    assert "CPU" in result["isa_paths"]["llama.cpp"]
