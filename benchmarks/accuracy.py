@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 from vllm_bitcpm.testing.accuracy import bar_failures  # noqa: E402
 from engine_sides import (  # noqa: E402
     DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, TRAINED_MODEL_SIDES, add_model_arguments, apply_isa_mode,
-    available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides,
+    available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides, write_json,
 )
 
 #: The published BitCPM4-0.5B report: vLLM dense bf16 on Ascend 910B2 vs CPU float32, 7 prompts.
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Child side: runs inside the engine process started by engine_sides
+# Child side: engine_sides' engine child runs this for the "accuracy" measurement (this module's name)
 
 
 def measure_engine(llm, spec: dict, scratch: str) -> dict:
@@ -560,9 +560,7 @@ def main() -> None:
     result = assemble(model, settings, args, inputs, ref_logits, sides, machine(first_engine_info(sides)), ref_nll)
     print(f"\n### Accuracy: {Path(model).name}, engine {args.dtype}, vs {args.reference} {args.reference_dtype}\n")
     print(markdown(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    out = write_json(args.out, result, ensure_ascii=False)
     print(f"wrote {out}")
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")

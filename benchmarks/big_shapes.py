@@ -37,15 +37,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, available_threads, engine_settings, isa_class, machine, machine_name, run_sides,
+    PREFILL_TOKENS, RESULTS_DIR, available_threads, engine_settings, flat_metrics, isa_class, machine, machine_name,
+    run_sides, write_json,
 )
 
 SHAPES = ("bitcpm-cann-3b", "bitcpm-cann-8b")
 #: Small workloads: a 3B/8B decode step takes a second or more on 2 cores.
 SPEC = {"batch_max_tokens": [16], "single_max_tokens": 16, "decode_tokens": 2, "prompt_tokens": 16,
-        "prefill_tokens": throughput.PREFILL_TOKENS, "batch": 4, "repeats": 1}
+        "prefill_tokens": PREFILL_TOKENS, "batch": 4, "repeats": 1}
 SMOKE_SPEC = {**SPEC, "batch_max_tokens": [4], "single_max_tokens": 4}
 #: Memory left for the engine beyond its weights (KV cache, activations, Python, vLLM) before stock is tried.
 HEADROOM_BYTES = 4 * 2**30
@@ -225,7 +225,7 @@ def measure_shape(args, shape: str, bandwidth: float, previous: dict | None = No
     for side, model in sides.items():
         print(f"{shape}: {side} engine on {model}", flush=True)
         (result,) = run_sides(str(model), settings, {"throughput": spec}, [side], args.threads).values()
-        flat = throughput.flat_metrics(result)
+        flat = flat_metrics(result)
         # One decode token after a single 252-token prefill is a difference of two noisy seconds-long
         # timings at these sizes: not a measurement, so it is left out.
         flat.pop("long_prompt_decode_ms_per_token", None)
@@ -309,9 +309,7 @@ def main(argv=None) -> None:
                   "machine": machine(engine_info), "threads": args.threads, "read_bandwidth_bytes_per_s": bandwidth,
                   "spec": SMOKE_SPEC if args.smoke else SPEC, "shapes": shapes}
     print(markdown(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out, result)
     print(f"wrote {out}")
 
 

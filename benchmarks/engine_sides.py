@@ -1,11 +1,14 @@
-"""One engine per side (stock, plugin, plugin-int8), each in its own child, running benchmark measurements.
+"""The benchmarks' core: sides, model arguments, engine children, ISA mode, machine, result files.
 
 Plugins register process-wide, so every side gets a fresh child process (``VLLM_PLUGINS`` on or
 off, see vllm_bitcpm.testing.sidebyside). A child starts ONE in-process vLLM engine and runs every
 measurement the caller asks for (``accuracy``, ``throughput``) on it, so a full report costs one
 engine start per side and thread count. The model's OpenMP threads are set and pinned with
 :func:`model_threads_env` (vLLM 0.32 applies ``VLLM_CPU_OMP_THREADS_BIND`` only to workers it
-spawns, never to an in-process engine). Shared by benchmarks/accuracy.py, throughput.py and report.py.
+spawns, never to an in-process engine).
+
+Every benchmark imports this module and it imports none of them: a measurement is named after the
+benchmarks/ module that owns it, and the child imports that module by the name in its job spec.
 
     python benchmarks/engine_sides.py      # child entry point: JSON spec on stdin
 """
@@ -13,6 +16,8 @@ spawns, never to an in-process engine). Shared by benchmarks/accuracy.py, throug
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
 import tempfile
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
@@ -58,6 +64,8 @@ SIDE_LABELS = {
 
 #: Requests the throughput measurements size their KV cache question for (the report's).
 TOKENS_PER_REQUEST = 1024
+#: The published report's long prompt (prefill tok/s, decode after it).
+PREFILL_TOKENS = 252
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,9 +184,11 @@ def run_sides(model: str, settings: dict, measures: dict[str, dict], sides: list
               progress=None, timeout: float = 7200, parallel: bool = False) -> dict[str, dict]:
     """Run ``measures`` ({name: spec}) in one engine per side, threads pinned; {side: result}.
 
-    Sides run one after the other, so timings are not disturbed; ``parallel`` (CI smoke runs
-    only: timings become meaningless) starts them together, each pinned to its own CPUs where
-    there are enough. A side whose engine fails reports ``{"error": ...}``; the others still run.
+    ``name`` is the benchmarks/ module whose ``measure_engine(llm, spec, scratch)`` the child runs;
+    its result comes back under the same name. Sides run one after the other, so timings are not
+    disturbed; ``parallel`` (CI smoke runs only: timings become meaningless) starts them together,
+    each pinned to its own CPUs where there are enough. A side whose engine fails reports
+    ``{"error": ...}``; the others still run.
     """
     chosen = [(side, plugin, env, overrides) for side, plugin, env, overrides in SIDES if side in sides]
 
@@ -220,15 +230,24 @@ def _run_side(model: str, settings: dict, measures: dict, plugin: bool, extra_en
                                     timeout=timeout, extra_env=extra_env)
         except RuntimeError as err:
             result, log = {"error": str(err).splitlines()[0], "log_tail": str(err)[-4000:]}, ""
-        if "accuracy" in result and "logprobs_file" in result["accuracy"]:
-            import torch
-
-            result["accuracy"]["logprobs"] = torch.load(result["accuracy"].pop("logprobs_file"))
+        for name in measures:
+            _load_scratch_files(result.get(name))
     result["child_seconds"] = time.perf_counter() - started  # process start to exit, imports included
     result.setdefault("kv_cache_tokens", _from_log(log, "KV cache size: ", " tokens"))
     result["plugin_log"] = next((l.split("] ", 1)[-1] for l in log.splitlines() if "bitcpm: packed" in l), None)
     result["env"] = {"VLLM_PLUGINS": "bitcpm" if plugin else "", **extra_env}
     return result
+
+
+def _load_scratch_files(measured) -> None:
+    """``<key>_file`` (a tensor a measurement saved in the scratch folder, too big for the JSON
+    pipe) becomes ``<key>``, loaded before the folder goes."""
+    if not isinstance(measured, dict):
+        return
+    for key in [k for k in measured if k.endswith("_file")]:
+        import torch
+
+        measured[key.removesuffix("_file")] = torch.load(measured.pop(key))
 
 
 def _from_log(log: str, before: str, after: str) -> int | None:
@@ -324,6 +343,74 @@ def machine_name(info: dict) -> str:
     return f"{device} ({info.get('platform', '?')}; vLLM {info['vllm']}, torch {info['torch']})"
 
 
+def flat_metrics(side_result: dict) -> dict:
+    """One side's throughput numbers and its engine's memory figures, in one flat dict (what
+    throughput.py, report.py, gpu_check.py and big_shapes.py tabulate)."""
+    if "error" in side_result:
+        return {"error": side_result["error"]}
+    weights = side_result["weights"]
+    return {
+        **side_result["throughput"],
+        "weight_gib": weights["total_bytes"] / 2**30,
+        "linear_weight_mib": weights["linear_bytes"] / 2**20,
+        "packed_layers": weights["packed_layers"],
+        "dense_layers": weights["dense_layers"],
+        "bits_per_packed_weight": weights["bits_per_packed_weight"],
+        "kv_cache_tokens": side_result.get("kv_cache_tokens"),
+        "max_concurrency": side_result.get("max_concurrency"),
+        "rss_gib_after_load": side_result["rss_bytes_after_load"] / 2**30,
+        "peak_rss_gib": side_result["peak_rss_bytes"] / 2**30 if side_result.get("peak_rss_bytes") else None,
+        "init_seconds": side_result["init_seconds"],
+        "child_seconds": side_result.get("child_seconds"),
+        "plugin_log": side_result.get("plugin_log"),
+        "env": side_result.get("env"),
+        "model_threads_bind": side_result["model_threads_bind"],
+        "model_threads": side_result["model_threads"],
+        # what this side's engine ran (a stock engine never loads the plugin's kernels)
+        "isa_paths": side_result.get("engine_platform", {}).get("isa_paths"),
+    }
+
+
+def write_json(path, data, **dumps) -> Path:
+    """A result file as the benchmarks write them: indented, newline-terminated, folders made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, **dumps) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp builds: which one runs in an ISA mode (the llama.cpp side providers share this)
+
+LLAMA_CPP_BUILD_DIR = ROOT / "build" / "llama-server"
+LLAMA_CPP_SETUP_HINT = "bash scripts/setup-llama-cpp.sh --server-only"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def llama_cpp_build_flavour(isa: str) -> str:
+    """The build that runs for ``isa`` ('native' or 'avx2'). Where the CPU has nothing past AVX2
+    (no AVX512, no AVX-VNNI) the native build is the AVX2 one and setup builds no twin."""
+    if isa == "avx2" and _cpu_flags() & {"avx512f", "avx_vnni"}:
+        return "avx2"
+    return "native"
+
+
+def llama_cpp_binary(name: str, isa: str = "native") -> Path:
+    """Path of ``llama-server`` / ``llama-bench`` for ``isa``; FileNotFoundError says how to build it."""
+    path = LLAMA_CPP_BUILD_DIR / llama_cpp_build_flavour(isa) / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"no {name} at {path}: run {LLAMA_CPP_SETUP_HINT}")
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Child side
 
@@ -355,6 +442,13 @@ def torch_threads(model=None) -> int:
     return torch.get_num_threads()
 
 
+def _measure_engine(name: str):
+    """``measure_engine`` of benchmarks/<name>.py, imported by name: this core imports no script."""
+    if not name.isidentifier() or not (HERE / f"{name}.py").is_file():
+        raise ValueError(f"unknown measurement {name!r}")
+    return importlib.import_module(name).measure_engine
+
+
 def _child() -> None:
     import psutil
     from vllm import LLM
@@ -382,13 +476,7 @@ def _child() -> None:
     result["model_threads"] = torch_threads()
     result["engine_platform"] = engine_platform()
     for name, measure_spec in spec["measures"].items():
-        if name == "accuracy":
-            from accuracy import measure_engine
-        elif name == "throughput":
-            from throughput import measure_engine
-        else:
-            raise ValueError(f"unknown measurement {name!r}")
-        result[name] = measure_engine(llm, measure_spec, spec["scratch"])
+        result[name] = _measure_engine(name)(llm, measure_spec, spec["scratch"])
     import resource
 
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

@@ -27,11 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+# Like report.py, this composes accuracy.py and throughput.py (both measured on the same engines).
 import accuracy  # noqa: E402
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_model_arguments, engine_settings, first_engine_info, machine, resolve_model,
-    run_sides,
+    RESULTS_DIR, SIDE_LABELS, add_model_arguments, engine_settings, first_engine_info, flat_metrics, machine,
+    resolve_model, run_sides, write_json,
 )
 
 BATCH = 16
@@ -97,7 +98,7 @@ def run(args) -> dict:
                           threads=1, progress=bar)
     info = {**machine(first_engine_info(sides)), "device": device}
     acc = accuracy.assemble(model, settings, args, inputs, ref_logits, sides, info, ref_nll)
-    tp = throughput.assemble(model, settings, spec, {"1": {s: throughput.flat_metrics(r) for s, r in sides.items()}},
+    tp = throughput.assemble(model, settings, spec, {"1": {s: flat_metrics(r) for s, r in sides.items()}},
                              info)
     return {"kind": "bitcpm-gpu-check", "device": device, "cpu_stand_in": args.cpu, "smoke": args.smoke,
             "plugin_backend": args.backend, "model": model, "command": " ".join(["python", *sys.argv]),
@@ -132,9 +133,8 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     name = "gpu_check-cpu" if args.cpu else "gpu_check"
-    (args.results_dir / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.results_dir / f"{name}.json", result, default=str)
     text = markdown(result)
     (args.results_dir / f"{name}.md").write_text(text)
     print(text)

@@ -39,6 +39,10 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from engine_sides import (  # noqa: E402
+    add_model_arguments, apply_isa_mode, llama_cpp_binary, resolve_model, threads_bind,
+)
+
 #: Where scripts/setup-llama-cpp.sh puts the AVX2-only build (a llama_cpp package with its libs).
 AVX2_BUILD = ROOT / "build" / "llama-cpp-avx2"
 SETUP_HINT = "bash scripts/setup-llama-cpp.sh"
@@ -236,10 +240,8 @@ def installed(isa: str = "native") -> str | None:
 
 def llama_bench_binary(isa: str = "native") -> Path | None:
     """llama.cpp's own llama-bench for ``isa`` (scripts/setup-llama-cpp.sh), or None."""
-    from llama_server import binary
-
     try:
-        return binary("llama-bench", isa)
+        return llama_cpp_binary("llama-bench", isa)
     except FileNotFoundError:
         return None
 
@@ -372,8 +374,6 @@ def run_peers(model: str, threads: int, cpus: str, spec: dict, isa: str, heads=(
 
 
 def main(argv=None) -> None:
-    from engine_sides import add_model_arguments, apply_isa_mode, resolve_model, threads_bind
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--system-info", action="store_true", help="print the build's CPU features and exit")

@@ -23,70 +23,50 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-BUILD_DIR = ROOT / "build" / "llama-server"
-SETUP_HINT = "bash scripts/setup-llama-cpp.sh --server-only"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+# Which build an ISA mode runs is the core's (llama_cpp_peer.py's llama-bench comes from the same builds).
+from engine_sides import LLAMA_CPP_SETUP_HINT, llama_cpp_binary  # noqa: E402
+
 STARTUP_TIMEOUT_S = 300
 #: Prometheus counters llama-server exports with --metrics, and vLLM's equivalents.
 GENERATED_COUNTERS = {"llama-server": "llamacpp:tokens_predicted_total", "vllm": "vllm:generation_tokens_total"}
 PROMPT_COUNTERS = {"llama-server": "llamacpp:prompt_tokens_total", "vllm": "vllm:prompt_tokens_total"}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def build_flavour(isa: str) -> str:
-    """The build that runs for ``isa`` ('native' or 'avx2'). Where the CPU has nothing past AVX2
-    (no AVX512, no AVX-VNNI) the native build is the AVX2 one and setup builds no twin."""
-    if isa == "avx2" and _cpu_flags() & {"avx512f", "avx_vnni"}:
-        return "avx2"
-    return "native"
-
-
-def binary(name: str, isa: str = "native") -> Path:
-    """Path of ``llama-server`` / ``llama-bench`` for ``isa``; FileNotFoundError says how to build it."""
-    path = BUILD_DIR / build_flavour(isa) / "bin" / name
-    if not path.exists():
-        raise FileNotFoundError(f"no {name} at {path}: run {SETUP_HINT}")
-    return path
-
-
 def installed(isa: str = "native") -> str | None:
     """None when the llama-server peer can run, else why not (one line)."""
     try:
-        binary("llama-server", isa)
+        llama_cpp_binary("llama-server", isa)
     except FileNotFoundError as error:
         return str(error)
     import importlib.util
 
     # The GGUF writer (llama_cpp_peer.write_gguf) needs the gguf package; llama-cpp-python is not needed.
     if importlib.util.find_spec("gguf") is None:
-        return f"the gguf package is not installed ({SETUP_HINT})"
+        return f"the gguf package is not installed ({LLAMA_CPP_SETUP_HINT})"
     return None
 
 
 def version(isa: str = "native") -> str:
     """llama-server's own ``--version`` line (build number and commit)."""
-    proc = subprocess.run([str(binary("llama-server", isa)), "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([str(llama_cpp_binary("llama-server", isa)), "--version"], capture_output=True, text=True,
+                          timeout=60)
     return " ".join((proc.stdout + proc.stderr).split())
 
 
 def server_command(gguf: Path, port: int, slots: int, ctx_per_slot: int, threads: int, isa: str,
                    alias: str) -> list[str]:
     """The command line: continuous batching over ``slots`` slots of ``ctx_per_slot`` tokens each."""
-    return [str(binary("llama-server", isa)), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--alias", alias, "--parallel", str(slots), "--cont-batching", "--no-kv-unified",
+    return [str(llama_cpp_binary("llama-server", isa)), "--model", str(gguf), "--host", "127.0.0.1",
+            "--port", str(port), "--alias", alias, "--parallel", str(slots), "--cont-batching", "--no-kv-unified",
             "--ctx-size", str(slots * ctx_per_slot), "--threads", str(threads), "--threads-batch", str(threads),
             "--metrics", "--no-webui"]
 
@@ -149,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--version", action="store_true", help="print the build's version line")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     args = parser.parse_args(argv)
-    print(f"{binary('llama-server', args.isa)}: {version(args.isa)}")
+    print(f"{llama_cpp_binary('llama-server', args.isa)}: {version(args.isa)}")
 
 
 if __name__ == "__main__":

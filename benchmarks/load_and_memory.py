@@ -12,7 +12,6 @@ lands, so its decode speed here is the reference's, not the target.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -84,12 +83,11 @@ def main() -> None:
     print(f"| greedy decode, batch 1 (tok/s) | {stock['decode_tok_per_s']:.2f} | {plugin['decode_tok_per_s']:.2f} "
           f"| {plugin['decode_tok_per_s'] / stock['decode_tok_per_s']:.2f}x |")
     print(f"\nplugin log: {plugin['summary_log_line']}")
-    from engine_sides import machine
+    from engine_sides import machine, write_json
 
     result = {"model": model, "dtype": args.dtype, "decode_tokens": args.decode_tokens,
               "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

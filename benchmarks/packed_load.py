@@ -12,7 +12,6 @@ JSON to benchmarks/results/packed_load.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -69,7 +68,7 @@ def main() -> None:
     if args.child:
         return child()
 
-    from engine_sides import machine
+    from engine_sides import machine, write_json
 
     from vllm_bitcpm import packed_checkpoint
     from vllm_bitcpm.testing import synthetic
@@ -98,8 +97,7 @@ def main() -> None:
               "convert_summary": summary, "disk_mib": {"fake-quantized bf16": dir_mib(source), "packed": dir_mib(packed)},
               "loads": loads, "identical_tokens": same, "machine": machine(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -30,7 +30,8 @@ import accuracy  # noqa: E402
 import throughput  # noqa: E402
 from engine_sides import (  # noqa: E402
     DEFAULT_SIDES, RESULTS_DIR, SIDE_LABELS, TRAINED_MODEL_SIDES, add_model_arguments, apply_isa_mode,
-    available_threads, engine_settings, first_engine_info, machine, machine_name, resolve_model, run_sides,
+    available_threads, engine_settings, first_engine_info, flat_metrics, machine, machine_name, resolve_model,
+    run_sides, write_json,
 )
 
 #: The published report's throughput figures (Ascend 910B2, vLLM dense bf16), by our metric keys.
@@ -117,7 +118,7 @@ def run(args) -> dict:
         for threads in args.threads:
             sides = run_sides(model, settings, {"throughput": spec}, args.sides, threads, progress=bar,
                               parallel=args.parallel_sides)
-            runs[str(threads)] = {side: throughput.flat_metrics(r) for side, r in sides.items()}
+            runs[str(threads)] = {side: flat_metrics(r) for side, r in sides.items()}
             runs[str(threads)].update(throughput.run_peers(args, model, spec, threads))
     info = machine(first_engine_info(accuracy_sides))
     return {
@@ -382,10 +383,7 @@ def readme_block(report: dict) -> str:
 
 def write_outputs(report: dict, results_dir: Path) -> list[Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    path = results_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    written.append(path)
+    written = [write_json(results_dir / "report.json", report, ensure_ascii=False)]
     for name, text in (("REPORT.md", report_markdown(report)), ("README_results.md", readme_block(report))):
         (results_dir / name).write_text(text)
         written.append(results_dir / name)

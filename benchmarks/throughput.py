@@ -33,12 +33,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, TOKENS_PER_REQUEST, add_model_arguments, apply_isa_mode, available_threads, engine_settings,
-    first_engine_info, machine, machine_name, resolve_model, run_sides,
+    PREFILL_TOKENS, RESULTS_DIR, SIDE_LABELS, TOKENS_PER_REQUEST, add_model_arguments, apply_isa_mode, available_threads,
+    engine_settings, first_engine_info, flat_metrics, machine, machine_name, resolve_model, run_sides, threads_bind,
+    write_json,
 )
 
 BATCH = 10
-PREFILL_TOKENS = 252
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,6 @@ def run_peers(args, model: str, spec: dict, threads: int) -> dict[str, dict]:
     if args.llama_cpp == "no":
         return {}
     import llama_cpp_peer
-    from engine_sides import threads_bind
 
     peer_spec = {"prefill_tokens": spec["prefill_tokens"], "decode_tokens": spec["single_max_tokens"],
                  "prompt_tokens": spec["prompt_tokens"], "repeats": spec["repeats"], "prompt_vocab": spec["vocab"]}
@@ -83,7 +82,7 @@ def model_vocab(model: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Child side: runs inside the engine process started by engine_sides
+# Child side: engine_sides' engine child runs this for the "throughput" measurement (this module's name)
 
 
 def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
@@ -150,33 +149,6 @@ def _per_second(tokens: int, seconds: float) -> float | None:
 
 # --------------------------------------------------------------------------------------------
 # Parent side: tables, ratios, plot
-
-
-def flat_metrics(side_result: dict) -> dict:
-    """One side's throughput numbers and its engine's memory figures, in one flat dict."""
-    if "error" in side_result:
-        return {"error": side_result["error"]}
-    weights = side_result["weights"]
-    return {
-        **side_result["throughput"],
-        "weight_gib": weights["total_bytes"] / 2**30,
-        "linear_weight_mib": weights["linear_bytes"] / 2**20,
-        "packed_layers": weights["packed_layers"],
-        "dense_layers": weights["dense_layers"],
-        "bits_per_packed_weight": weights["bits_per_packed_weight"],
-        "kv_cache_tokens": side_result.get("kv_cache_tokens"),
-        "max_concurrency": side_result.get("max_concurrency"),
-        "rss_gib_after_load": side_result["rss_bytes_after_load"] / 2**30,
-        "peak_rss_gib": side_result["peak_rss_bytes"] / 2**30 if side_result.get("peak_rss_bytes") else None,
-        "init_seconds": side_result["init_seconds"],
-        "child_seconds": side_result.get("child_seconds"),
-        "plugin_log": side_result.get("plugin_log"),
-        "env": side_result.get("env"),
-        "model_threads_bind": side_result["model_threads_bind"],
-        "model_threads": side_result["model_threads"],
-        # what this side's engine ran (a stock engine never loads the plugin's kernels)
-        "isa_paths": side_result.get("engine_platform", {}).get("isa_paths"),
-    }
 
 
 def metric_rows(spec: dict) -> list[tuple[str, str, str]]:
@@ -314,9 +286,7 @@ def main() -> None:
     result = assemble(model, settings, spec, runs, machine(first_engine_info(sides)), args.isa)
     print(f"\n### Throughput: {Path(model).name}, {args.dtype}, {'compiled' if args.compile else 'eager'}\n")
     print(markdown_tables(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out, result)
     print(f"wrote {out}")
     if plot(result, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
