@@ -299,20 +299,38 @@ def test_serve_bench_llama_server_peer(tmp_path):
 
 
 def test_soak_short(tmp_path):
-    """benchmarks/soak.py, short: 60 requests at concurrency 8 on the tiny model, a fifth malformed
-    (every kind at least once): every good one served in full, every bad one 4xx, server alive."""
+    """benchmarks/soak.py, short, every phase on the tiny model: 60 requests at concurrency 8, a fifth
+    malformed (every kind at least once, logprobs/top_logprobs 21 among them), some clients hanging up
+    mid-stream, every edge case once, a burst of 16 past a 1024-token KV cache, SIGTERM under load and
+    a restart: nothing lost, every good one served in full, every bad one 4xx, a clean shutdown (in-flight
+    requests drained within the 60 s shutdown timeout, every server process gone)."""
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "soak.py"), "--requests", "60", "--concurrency", "8",
-                           "--bad-fraction", "0.2", "--synthetic", "tiny", "--checkpoints", str(tmp_path / "ck"),
+                           "--bad-fraction", "0.2", "--burst-concurrency", "16", "--kv-cache-tokens", "1024",
+                           "--extremes-per-kind", "1", "--synthetic", "tiny", "--checkpoints", str(tmp_path / "ck"),
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    assert proc.returncode == 0, (summary.get("failures"), proc.stderr[-3000:])
+    assert proc.returncode == 0, (summary["checks"], summary.get("failures"), proc.stderr[-3000:])
     soak = _benchmark_module("soak")
     assert all(summary["bad_status_by_kind"][kind] for kind in soak.BAD_KINDS)
-    assert summary["good_ok"] == summary["good"] > 0 and summary["bad_answered_4xx"] == summary["bad"] > 0
-    assert summary["streamed_good"] > 0 and summary["chat_good"] > 0 and not summary["lost"]
-    assert summary["server_alive_at_end"] and summary["plugin_packed_the_model"]
+    assert summary["bad_status_by_kind"]["logprobs_over_max"] == [400]
+    assert summary["bad_status_by_kind"]["top_logprobs_over_max"] == [400]
+    assert all(outcomes == ["completed"] for outcomes in summary["extreme_outcomes_by_kind"].values())
+    assert summary["lost"] == 0 and summary["failed"] == 0 and summary["aborted_by_client"] > 0
+    assert summary["rejected_4xx"] == summary["by_phase"]["mix"]["rejected_4xx"] > 0
+    assert summary["streamed_served"] > 0 and summary["chat_served"] > 0
+    assert summary["server_alive_at_end"] and summary["plugin_packed_the_model"] and summary["metrics_settled"]
+    burst = summary["burst"]
+    assert burst["exceeds_kv_cache"] and burst["completed"] == burst["requests"] == 16
+    shutdown = summary["shutdown"]
+    assert shutdown["in_flight_at_signal"]["loaded"] and shutdown["server_shutdown_timeout_s"] == 60
+    in_shutdown = summary["by_phase"]["shutdown"]
+    assert in_shutdown.get("completed", 0) + in_shutdown.get("cut_by_shutdown", 0) == 16
+    assert shutdown["clean"] and not shutdown["leftover_pids"]
+    assert shutdown["all_processes_exit_s"] <= shutdown["limit_s"]
+    assert summary["by_phase"]["shutdown"].get("lost", 0) == 0 and summary["restart_served"]
+    assert all(summary["checks"].values())
 
 
 def test_big_shapes_smoke(tmp_path):

@@ -37,13 +37,15 @@ class ServerFailed(RuntimeError):
 @contextlib.contextmanager
 def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | None = None,
                args: list[str] | None = None, env: dict[str, str] | None = None,
-               timeout: float = STARTUP_TIMEOUT_S) -> Iterator[Server]:
+               timeout: float = STARTUP_TIMEOUT_S, port: int | None = None) -> Iterator[Server]:
     """``vllm serve MODEL --host 127.0.0.1 --port <free>`` through the venv's console script, with the
     plugin on (entry point, as installed) or off (``VLLM_PLUGINS=""``); waits for /health, and on exit
-    sends SIGINT (Ctrl-C), then kills its whole process group after 60 s."""
+    sends SIGINT (Ctrl-C), then kills its whole process group after 60 s. ``port`` pins the port (a
+    restart on the port a stopped server had); a caller that stops the server itself leaves nothing
+    to do at exit."""
     import requests
 
-    port = free_port()
+    port = port or free_port()
     served_name = served_name or Path(model).name
     command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", served_name, *(args or [])]
