@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_sides import (  # noqa: E402
-    RESULTS_DIR, SIDE_LABELS, add_source_arguments, apply_isa_mode, machine, machine_name, resolve_model,
+    RESULTS_DIR, SIDE_LABELS, add_source_arguments, apply_isa_mode, engine_platform, machine, machine_name,
+    resolve_model, write_json,
 )
 
 #: vLLM sides: plugin on or off, and the environment that selects its options.
@@ -71,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="request shape: " + ", ".join(f"{k} {i} in / {o} out" for k, (i, o) in MIXES.items())
                         + " (--input-len / --output-len override it)")
     parser.add_argument("--num-prompts", type=int, default=None,
-                        help="requests per concurrency level (default: 4 x concurrency, at least 8)")
+                        help="requests per concurrency level (default: --waves x concurrency, at least 8)")
+    parser.add_argument("--waves", type=int, default=4,
+                        help="requests per concurrency level as a multiple of the concurrency (default 4; "
+                             "2 where a slow side would take hours, e.g. stock bf16 on a CPU without bf16 hardware)")
     parser.add_argument("--input-len", type=int, default=None)
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--eager", action="store_true", help="serve with --enforce-eager (default: vLLM's compile)")
@@ -102,7 +106,7 @@ def server_args(args) -> list[str]:
 
 
 def num_prompts(args, concurrency: int) -> int:
-    return args.num_prompts or max(8, 4 * concurrency)
+    return args.num_prompts or max(8, args.waves * concurrency)
 
 
 def bench_command(server, model: str, args, concurrency: int, result_dir: Path, name: str,
@@ -113,7 +117,10 @@ def bench_command(server, model: str, args, concurrency: int, result_dir: Path, 
             "--base-url", server.base_url, "--model", server.model_name, "--tokenizer", model,
             "--trust-remote-code", "--dataset-name", "random", "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts(args, concurrency)),
-            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0", "--disable-tqdm",
+            "--max-concurrency", str(concurrency), "--ignore-eos",
+            # fresh prompts per level: both servers cache prompts (llama-server reuses a slot's
+            # whole prompt, vLLM its prefix blocks), and with one seed every level replays the last
+            "--seed", str(concurrency), "--disable-tqdm",
             "--percentile-metrics", ",".join(METRICS),
             "--metric-percentiles", ",".join(str(p) for p in PERCENTILES),
             "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", name,
@@ -309,6 +316,8 @@ def plot(result: dict, path: Path) -> bool:
             xs = [c for c in result["concurrency"] if r["by_concurrency"].get(str(c), {}).get(key) is not None]
             ax.plot(xs, [r["by_concurrency"][str(c)][key] for c in xs], marker="o", label=side_label(side))
         ax.set_xscale("log", base=2)
+        if key.endswith("_ms"):
+            ax.set_yscale("log")  # latencies span milliseconds to minutes across servers
         ax.set_xlabel("max concurrency")
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=7)
@@ -330,8 +339,6 @@ def main(argv=None) -> None:
     sides = {}
     for side in tqdm(side_names(args), unit="server", desc="sides"):
         sides[side] = run_side(side, model, args, raw_dir)
-    from engine_sides import engine_platform
-
     result = {"kind": "bitcpm-serve-bench", "model": model, "machine": machine(engine_platform()),
               "dtype": args.dtype, "isa_mode": args.isa,
               "eager": args.eager, "mix": args.mix, "input_len": args.input_len, "output_len": args.output_len,
@@ -342,7 +349,7 @@ def main(argv=None) -> None:
 
         with contextlib.suppress(FileNotFoundError):
             result["llama_server_version"] = version(args.isa)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     text = markdown(result)
     args.out.with_suffix(".md").write_text(text)
     print(text)
