@@ -275,7 +275,7 @@ def machine(engine_info: dict | None = None) -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    flags = _cpu_flags()
 
     def version(*dists: str) -> str | None:
         for dist in dists:
@@ -387,6 +387,7 @@ LLAMA_CPP_SETUP_HINT = "bash scripts/setup-llama-cpp.sh --server-only"
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo "flags" on x86, "Features" on Arm); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,42 +74,15 @@ def llama_serve(gguf: Path, log: Path, slots: int, ctx_per_slot: int, threads: i
                 timeout: float = STARTUP_TIMEOUT_S) -> Iterator:
     """Start llama-server pinned to ``cpus`` (comma list; all when None), wait for /health, yield a
     ``vllm_bitcpm.testing.serve.Server``; SIGINT on exit (SIGKILL after 30 s)."""
-    import requests
-
-    from vllm_bitcpm.testing.serve import Server, ServerFailed, free_port
+    from vllm_bitcpm.testing.serve import free_port, serve_process
 
     port = free_port()
     command = server_command(gguf, port, slots, ctx_per_slot, threads, isa, alias)
     if cpus:
         command = ["taskset", "-c", cpus, *command]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        out.write("$ " + " ".join(command) + "\n")
-        out.flush()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise ServerFailed(f"llama-server exited with {process.returncode}:\n{log.read_text()[-6000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerFailed(f"llama-server not healthy after {timeout:.0f}s:\n{log.read_text()[-6000:]}")
-            time.sleep(0.5)
-        yield Server(base, process, log, alias)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with serve_process(command, log, port, alias, "llama-server", timeout=timeout, stop_timeout=30,
+                       poll_s=0.5) as server:
+        yield server
 
 
 def counter(base_url: str, name: str) -> float | None:

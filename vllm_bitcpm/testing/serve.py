@@ -43,8 +43,6 @@ def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | No
     sends SIGINT (Ctrl-C), then kills its whole process group after 60 s. ``port`` pins the port (a
     restart on the port a stopped server had); a caller that stops the server itself leaves nothing
     to do at exit."""
-    import requests
-
     port = port or free_port()
     served_name = served_name or Path(model).name
     command = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1",
@@ -53,30 +51,47 @@ def vllm_serve(model: str, log: Path, plugin: bool = True, served_name: str | No
     if not plugin:
         full_env["VLLM_PLUGINS"] = ""
     full_env.update(env or {})
+    with serve_process(command, log, port, served_name, "vllm serve", env=full_env, timeout=timeout,
+                       stop_timeout=60) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_process(command: list[str], log: Path, port: int, model_name: str, what: str,
+                  env: dict[str, str] | None = None, timeout: float = STARTUP_TIMEOUT_S,
+                  stop_timeout: float = 60, poll_s: float = 1.0) -> Iterator[Server]:
+    """Start an HTTP server ``command`` (its output to ``log``, first line ``$ command``) listening on
+    127.0.0.1:``port``, wait until ``/health`` answers 200, yield it; on exit SIGINT (Ctrl-C), then
+    SIGKILL to its whole process group after ``stop_timeout`` s. Shared by ``vllm serve`` and the
+    llama-server peer (benchmarks/llama_server.py). ``what`` names it in errors."""
+    import requests
+
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        # Its own process group, so a kill reaches the engine process vLLM starts, not only the API server.
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        # Its own process group, so a kill reaches the processes it starts (vLLM's engine), not only it.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise ServerFailed(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-6000:]}")
+                raise ServerFailed(f"{what} exited with {process.returncode}:\n{log.read_text()[-6000:]}")
             try:
                 if requests.get(f"{base}/health", timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                raise ServerFailed(f"vllm serve not healthy after {timeout:.0f}s:\n{log.read_text()[-6000:]}")
-            time.sleep(1)
-        yield Server(base, process, log, served_name)
+                raise ServerFailed(f"{what} not healthy after {timeout:.0f}s:\n{log.read_text()[-6000:]}")
+            time.sleep(poll_s)
+        yield Server(base, process, log, model_name)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
