@@ -6,6 +6,7 @@ under vllm-ascend), and requiring ``vllm`` would make pip pull the CUDA build ov
 Ascend install. Pick the engine with an extra (``[cpu]``, ``[cuda]``) or install it yourself.
 """
 
+import glob
 import os
 import sys
 
@@ -34,10 +35,9 @@ def _cpu_extension_kwargs() -> dict:
         return {}
     ext = CppExtension(
         name=CPU_KERNEL,
-        sources=["kernels/cpu/ternary_linear.cpp", "kernels/cpu/ternary_linear_neon.cpp", "kernels/cpu/ternary_gemm.cpp",
-                 "kernels/cpu/lm_head_gemv.cpp"],
-        depends=["kernels/cpu/cpu_features.h", "kernels/cpu/ternary_gemm.h", "kernels/cpu/ternary_linear_rows.h",
-                 "kernels/cpu/ternary_linear_neon.h"],
+        # Every file of kernels/cpu/ (one job each: ternary_linear.cpp's header lists them).
+        sources=sorted(glob.glob("kernels/cpu/*.cpp")),
+        depends=sorted(glob.glob("kernels/cpu/*.h")),
         # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
         # the kernel runs on one thread whatever torch.set_num_threads says.
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/inner_loop_ceiling.py
 
 Builds benchmarks/native/inner_loop_ceiling.cpp with g++ and runs the exact decode inner loops of
-kernels/cpu/ternary_linear.cpp on L2-resident data, one thread. AVX2 (every x86 CPU since 2013;
+kernels/cpu/rows_avx2.cpp and rows_avx512bf16.cpp on L2-resident data, one thread. AVX2 (every x86 CPU since 2013;
 fp32 activations): the kernel's loop, its FMA-only ceiling, and a lookup-table loop (column
 triples in bit planes, 8 rows per `vpermps`). AVX512-BF16 (where the CPU has it): in full, with
 the dot products alone, and with the decode alone; beside it, two lookup-table loops

@@ -176,7 +176,7 @@ def test_nan_and_inf_propagate_like_dense_matmul(isa, m, dtype):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 1000])
 def test_neon_int8_equals_the_scalar_twin_bit_for_bit(m, group_size):
     """The NEON int8 paths compute each group's integer dot product exactly and scale and add the
-    groups in the scalar twin's order (kernels/cpu/ternary_linear_neon.cpp), so they must agree
+    groups in the scalar twin's order (kernels/cpu/rows_neon.cpp), so they must agree
     with it exactly, not just within a bound."""
     paths = [p for p in cpu_kernel.ARM64_ISAS if p in cpu_kernel.isa_available()]
     if not paths:

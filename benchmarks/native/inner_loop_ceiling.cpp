@@ -1,4 +1,4 @@
-// What bounds the exact decode loops of kernels/cpu/ternary_linear.cpp at M = 1 (AVX2 fp32 and
+// What bounds the exact decode loops of kernels/cpu/ (rows_avx2.cpp, rows_avx512bf16.cpp) at M = 1 (AVX2 fp32 and
 // AVX512-BF16), and would a lookup-table loop beat them?
 //
 // Runs the kernel's inner loop (per 32 weights: `vpsrlw`, `vpermw`, an activation load,

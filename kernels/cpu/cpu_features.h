@@ -1,9 +1,9 @@
-// Run-time CPU checks and small SIMD helpers shared by the CPU kernels (ternary_linear.cpp,
+// Run-time CPU checks and small SIMD helpers shared by the CPU kernels (the rows_*.cpp of ternary_linear,
 // lm_head_gemv.cpp). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
 // functions with __attribute__((target(...))) that run only after these checks pass.
 //
 // SIMD code is compiled only for its architecture: x86 code where BITCPM_X86 is 1, the NEON
-// paths of the ternary kernel (ternary_linear_neon.cpp) where BITCPM_ARM64 is 1, so the kernels
+// paths of the ternary kernel (rows_neon.cpp) where BITCPM_ARM64 is 1, so the kernels
 // build on x86, aarch64 (Ascend hosts, Graviton), ppc64le and s390x alike. Elsewhere the checks
 // below say "no", the dispatch never picks those paths, and each file's SIMD entry points are
 // stand-ins that are never called (BITCPM_NO_SIMD_PATH). ppc64le and s390x run the scalar twin.
@@ -132,6 +132,13 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 #endif
 

@@ -1,6 +1,6 @@
-// What a row kernel of bitcpm::ternary_linear gets (Ctx) and the helpers every path shares, for
-// the kernel files that hold row kernels: ternary_linear.cpp (scalar, x86) and
-// ternary_linear_neon.cpp (aarch64).
+// What a row kernel of bitcpm::ternary_linear gets (Ctx) and the helpers every path shares
+// (row_kernels.h lists the kernels: rows_scalar.cpp, rows_avx2.cpp, rows_avx512.cpp,
+// rows_avx512bf16.cpp, rows_neon.cpp).
 //
 // Packed layout version 1 (vllm_bitcpm/ternary.py): each row of `codes` is a run of 128-weight
 // blocks of 32 bytes; byte j of a block holds elements j, j+32, j+64, j+96 at bits 0, 2, 4, 6 as
@@ -42,6 +42,25 @@ struct Ctx {
 
 // A row kernel: rows [n0, n1) of y for tokens [m0, m0 + its token count); sbuf holds G floats.
 using RowFn = void (*)(const Ctx&, int64_t n0, int64_t n1, int64_t m0, float* sbuf);
+
+// Tokens per call of a row kernel at most (the dispatch's token tile; accumulators live in
+// registers, one set per token).
+constexpr int kMaxTokenTile = 8;
+
+// The row kernel Pick<MB>::fn for mb tokens (1..kMaxTokenTile; larger mb gets the 8-token one).
+template <template <int> class Pick>
+RowFn pick_tokens(int mb) {
+  switch (mb) {
+    case 1: return Pick<1>::fn;
+    case 2: return Pick<2>::fn;
+    case 3: return Pick<3>::fn;
+    case 4: return Pick<4>::fn;
+    case 5: return Pick<5>::fn;
+    case 6: return Pick<6>::fn;
+    case 7: return Pick<7>::fn;
+    default: return Pick<8>::fn;
+  }
+}
 
 inline int64_t group_of(const Ctx& c, int64_t k) {
   if (c.G == 1) return 0;

@@ -29,8 +29,8 @@ logger = logging.getLogger("vllm.bitcpm")
 
 #: Caps the kernels' ISA paths (read once per process by the C++ side, kernels/cpu/cpu_features.h).
 ISA_ENV = "VLLM_BITCPM_ISA"
-#: The SIMD paths per architecture, best first (kernels/cpu/: x86 in ternary_linear.cpp, aarch64 in
-#: ternary_linear_neon.cpp); every CPU also has "scalar".
+#: The SIMD paths per architecture, best first (kernels/cpu/: x86 in rows_avx2.cpp, rows_avx512.cpp,
+#: rows_avx512bf16.cpp, aarch64 in rows_neon.cpp); every CPU also has "scalar" (rows_scalar.cpp).
 X86_ISAS = ("avx512bf16", "avx512", "avx2")
 ARM64_ISAS = ("neon-dotprod", "neon")
 ISA_CHOICES = ("auto", *X86_ISAS, *ARM64_ISAS, "scalar")

@@ -1,4 +1,5 @@
-// aarch64 NEON row kernels of bitcpm::ternary_linear (entry points: ternary_linear_neon.h).
+// aarch64 NEON row kernels of bitcpm::ternary_linear (entry points: row_kernels.h); scalar twin:
+// rows_scalar.cpp.
 //
 // x and q are read in natural order: the 32 bytes of a block, split into two 16-byte vectors,
 // give the codes of 16 consecutive elements per vector and 2-bit field (field s of byte j is
@@ -19,7 +20,7 @@
 // sits in functions with a target attribute, called only where cpu_has_neon_dotprod() holds.
 // On other CPUs the file holds stand-ins that are never called.
 
-#include "ternary_linear_neon.h"
+#include "row_kernels.h"
 
 #include "cpu_features.h"
 
@@ -238,24 +239,10 @@ template <int MB> void exact_rows_whole_row(const Ctx& c, int64_t a, int64_t b, 
   exact_rows_t<MB, true>(c, a, b, m, s);
 }
 
-template <template <int> class Pick>
-RowFn pick_tokens(int mb) {
-  switch (mb) {
-    case 1: return Pick<1>::fn;
-    case 2: return Pick<2>::fn;
-    case 3: return Pick<3>::fn;
-    case 4: return Pick<4>::fn;
-    case 5: return Pick<5>::fn;
-    case 6: return Pick<6>::fn;
-    case 7: return Pick<7>::fn;
-    default: return Pick<8>::fn;
-  }
-}
 template <int MB> struct ExactGroups { static constexpr RowFn fn = &exact_rows_groups<MB>; };
 template <int MB> struct ExactWholeRow { static constexpr RowFn fn = &exact_rows_whole_row<MB>; };
 template <int MB> struct Int8Sdot { static constexpr RowFn fn = &int8_rows_sdot_t<MB>; };
 template <int MB> struct Int8Smull { static constexpr RowFn fn = &int8_rows_smull_t<MB>; };
-static_assert(kNeonTokenTile == 8, "pick_tokens covers 1..8 tokens");
 
 }  // namespace
 
