@@ -156,6 +156,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_bitcpm", "vllm_bitcpm.*"]),
+    # The trained tiny model (a few MiB, packed): what the demo and the README's first serve use.
+    package_data={"vllm_bitcpm.data": ["bitcpm-tiny/*"]},
     install_requires=[
         "torch",
         "transformers>=4.56",

@@ -4,6 +4,8 @@
                                      # fake-quantized or converted)
     vllm-bitcpm convert SRC DST      # write a packed checkpoint that `vllm serve DST` loads
     vllm-bitcpm convert SRC DST --format gptq   # 4-bit GPTQ: served without this plugin
+    vllm-bitcpm tiny-model           # path of the small trained ternary model that ships with the package:
+                                     # vllm serve "$(vllm-bitcpm tiny-model)"
 
 SRC is a local checkpoint directory or a hub id. Errors name the file or tensor and exit 2.
 """
@@ -71,6 +73,13 @@ def _convert(args) -> int:
     return 0
 
 
+def _tiny_model(args) -> int:
+    from vllm_bitcpm.data import tiny_model_path
+
+    print(tiny_model_path())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-bitcpm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-gib", type=float, default=2.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_convert)
+    p = sub.add_parser("tiny-model", help="print the directory of the trained tiny ternary model shipped with the "
+                                          "package (packed; serve it with vllm serve)")
+    p.set_defaults(run=_tiny_model)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

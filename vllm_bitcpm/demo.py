@@ -1,13 +1,13 @@
 """Newcomer demo: load a BitCPM model through vLLM with the plugin, show the packing, generate.
 
-    python -m vllm_bitcpm.demo                      # the trained tiny model if cached, else synthetic
-    python -m vllm_bitcpm.demo --train              # train the tiny model first (about 15 min, once)
+    python -m vllm_bitcpm.demo                      # the trained tiny model that ships with the package
     python -m vllm_bitcpm.demo openbmb/BitCPM4-0.5B # or any local path / hub id
+    python -m vllm_bitcpm.demo --synthetic          # a random synthetic checkpoint (gibberish text)
+    python -m vllm_bitcpm.demo --train              # retrain the tiny model locally (about 15 min) and use it
 
 The plugin is picked up through its entry point, exactly as in ``vllm serve``; nothing here
-enables it. The trained model (``python -m vllm_bitcpm.testing.qat_training``, a ternary QAT
-MiniCPM trained on Python's own documentation) writes readable, Python-docs-like text; without
-it the demo makes a synthetic checkpoint whose random weights write gibberish.
+enables it. The shipped model (vllm_bitcpm/data: a ternary QAT MiniCPM trained on Python's own
+documentation, packed to 2 bits) writes readable, Python-docs-like text.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ TRAINED_PROMPT = "The for statement is used to"
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="local checkpoint or hub id (default: the trained tiny model "
-                                                 "if cached, else a synthetic one)")
-    parser.add_argument("--trained", default=DEFAULT_CHECKPOINT, help="where the trained tiny model is cached")
-    parser.add_argument("--train", action="store_true", help="train the tiny model into --trained if missing")
-    parser.add_argument("--synthetic", action="store_true", help="use a synthetic checkpoint even if a trained one exists")
+                                                 "shipped with the package)")
+    parser.add_argument("--trained", help=f"a locally trained tiny model to use (with --train: where to train it; "
+                                          f"default {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--train", action="store_true", help="train the tiny model into --trained if missing, use it")
+    parser.add_argument("--synthetic", action="store_true", help="a random synthetic checkpoint instead (its text is gibberish)")
     parser.add_argument("--shape", default="small", help="synthetic shape: tiny, small, bitcpm4-0.5b")
     parser.add_argument("--prompt", help=f"default: {TRAINED_PROMPT!r} for the trained model, else {SYNTHETIC_PROMPT!r}")
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -41,17 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as cleanup:
         model, synthetic_weights = args.model, False
         if model is None and not args.synthetic:
-            from vllm_bitcpm.testing.qat_training import ensure_trained, read_record
+            if args.train or args.trained:
+                from vllm_bitcpm.testing.qat_training import ensure_trained, read_record
 
-            if args.train:
-                ensure_trained(args.trained)
-            if read_record(args.trained) is not None:
-                model = args.trained
-                args.prompt = args.prompt or TRAINED_PROMPT
-                print(f"demo: the trained ternary model in {model}")
+                trained = args.trained or DEFAULT_CHECKPOINT
+                if args.train:
+                    ensure_trained(trained)
+                if read_record(trained) is not None:
+                    model = trained
+                    print(f"demo: the trained ternary model in {model} (trained locally)")
+                else:
+                    print(f"demo: no trained model in {trained} (`python -m vllm_bitcpm.demo --train` trains one, "
+                          "about 15 min once); using random synthetic weights, whose text is gibberish")
             else:
-                print(f"demo: no trained model in {args.trained} (`python -m vllm_bitcpm.demo --train` trains one, "
-                      "about 15 min once); using random synthetic weights, whose text is gibberish")
+                from vllm_bitcpm.data import tiny_model_path
+
+                model = tiny_model_path()
+                print(f"demo: the trained tiny ternary model shipped with the package ({model})")
+            if model is not None:
+                args.prompt = args.prompt or TRAINED_PROMPT
         if model is None:
             from vllm_bitcpm.testing import synthetic
 
