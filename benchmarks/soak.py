@@ -207,11 +207,28 @@ def sigterm_under_load(server, args, filler: int, first_id: int) -> tuple[list[d
     limit = args.shutdown_timeout + SHUTDOWN_GRACE_S
     family = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
     reqs = shutdown_plan(2 * args.concurrency, first_id)
+    # The signal goes when two streams have their first chunk (client-side truth: those requests
+    # are running, with SHUTDOWN_MAX_TOKENS - 1 tokens to go), not when a /metrics poll happens to
+    # see them: on a busy machine a short batch could finish between two polls.
+    streaming, lock = threading.Event(), threading.Lock()
+    first_chunks = [0]
+
+    def first_chunk():
+        with lock:
+            first_chunks[0] += 1
+            if first_chunks[0] >= 2:
+                streaming.set()
+
     pool = ThreadPoolExecutor(len(reqs))
-    futures = [pool.submit(send, server.base_url, SERVED_NAME, r, filler, (10, limit + 60)) for r in reqs]
-    loaded, at_signal = wait_for_metrics(server.base_url, lambda m: m.get("vllm:num_requests_running", 0) >= 2, 120)
+    futures = [pool.submit(send, server.base_url, SERVED_NAME, r, filler, (10, limit + 60), first_chunk)
+               for r in reqs]
+    streaming.wait(120)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
+    unfinished = sum(not f.done() for f in futures)
+    at_signal = {}
+    with contextlib.suppress(Exception):  # the gauges as the server last reported them (may lag)
+        at_signal = metrics(server.base_url)
     try:
         server.process.wait(timeout=limit)
         api_exit_s = time.monotonic() - started
@@ -229,8 +246,10 @@ def sigterm_under_load(server, args, filler: int, first_id: int) -> tuple[list[d
     pool.shutdown()
     return results, {
         "signal": "SIGTERM", "limit_s": limit, "server_shutdown_timeout_s": args.shutdown_timeout,
-        "in_flight_at_signal": {"running": at_signal.get("vllm:num_requests_running"),
-                                "waiting": at_signal.get("vllm:num_requests_waiting"), "loaded": loaded},
+        "in_flight_at_signal": {"unfinished_requests": unfinished, "streams_started": first_chunks[0],
+                                "running": at_signal.get("vllm:num_requests_running"),
+                                "waiting": at_signal.get("vllm:num_requests_waiting"),
+                                "loaded": streaming.is_set() and unfinished >= 2},
         "api_server_exit_s": api_exit_s, "all_processes_exit_s": all_exit_s, "processes": len(family),
         "leftover_pids": [p.pid for p in alive], "returncode": server.process.returncode,
         "clean": api_exit_s is not None and all_exit_s is not None,

@@ -37,8 +37,9 @@ OUTCOMES = ("completed", "aborted_by_client", "rejected_4xx", "cut_by_shutdown",
 #: the stream is still going when it does.
 ABORT_AFTER_CHUNKS = 2
 ABORT_MAX_TOKENS = 64
-#: Output of each request the SIGTERM lands on.
-SHUTDOWN_MAX_TOKENS = 64
+#: Output of each request the SIGTERM lands on: the signal goes as soon as two streams have their
+#: first chunk, so each still has over a hundred tokens to go (in flight whatever the machine's load).
+SHUTDOWN_MAX_TOKENS = 128
 #: Prompt of the context-limit requests, in tokens (token-id prompts, so the length is exact).
 EDGE_PROMPT_TOKENS = MAX_MODEL_LEN // 2
 
@@ -151,14 +152,17 @@ def body(req: dict, model: str, filler_id: int) -> tuple[str, str | dict]:
                                **{k: req[k] for k in ("logprobs", "cache_salt") if k in req}}
 
 
-def _read_stream(response, req: dict) -> dict:
+def _read_stream(response, req: dict, on_first_chunk=None) -> dict:
     """Tokens (from the usage chunk), [DONE], error events; a disconnecting client stops after
-    ``abort_after`` chunks and closes the connection."""
+    ``abort_after`` chunks and closes the connection. ``on_first_chunk()`` runs when the first
+    event arrives (the request is then in the engine, not queued in front of it)."""
     events = []
     for line in response.iter_lines():
         if not line.startswith(b"data: "):
             continue
         events.append(line[6:])
+        if len(events) == 1 and on_first_chunk is not None:
+            on_first_chunk()
         if req.get("abort_after") and len(events) >= req["abort_after"] and events[-1] != b"[DONE]":
             response.close()
             return {"aborted": True, "chunks": len(events)}
@@ -187,8 +191,9 @@ def _read_whole(response, req: dict) -> dict:
     return got
 
 
-def send(base_url: str, model: str, req: dict, filler_id: int, timeout: float | tuple = 600) -> dict:
-    """Send one request; what came back and its outcome."""
+def send(base_url: str, model: str, req: dict, filler_id: int, timeout: float | tuple = 600,
+         on_first_chunk=None) -> dict:
+    """Send one request; what came back and its outcome (``on_first_chunk``: see _read_stream)."""
     import requests
 
     endpoint, payload = body(req, model, filler_id)
@@ -201,7 +206,7 @@ def send(base_url: str, model: str, req: dict, filler_id: int, timeout: float | 
             r = requests.post(base_url + endpoint, json=payload, timeout=timeout, stream=bool(payload.get("stream")))
         got = {}
         if r.status_code == 200:
-            got = _read_stream(r, req) if payload.get("stream") else _read_whole(r, req)
+            got = _read_stream(r, req, on_first_chunk) if payload.get("stream") else _read_whole(r, req)
         elif r.status_code >= 400:
             got = {"detail": r.text[:300]}
     except Exception as error:  # noqa: BLE001 - every way of getting no answer is an outcome here
