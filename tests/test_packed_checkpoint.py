@@ -93,8 +93,11 @@ def test_future_layout_version_is_refused_clearly(packed_runs):
 
 
 def test_mis_shaped_scale_tensor_is_named(packed_runs):
+    # Refused before vLLM reads a tensor (packed_checkpoint.validate_packed_layout): the file, the
+    # checkpoint's own tensor name (up_proj, not vLLM's fused gate_up_proj) and what was expected.
     error = packed_runs["bad_scales"].get("error", "")
-    assert "model.layers.0.mlp.gate_up_proj.weight_scales" in error and "expected (rows, 1)" in error
+    assert "bad_scales/model.safetensors" in error and "model.layers.0.mlp.up_proj.weight_scales" in error, error
+    assert "has 2 scale columns; group_size -1" in error and "gives 1" in error, error
 
 
 def test_inspect_reports_each_layer_and_a_summary(checkpoint_dir):

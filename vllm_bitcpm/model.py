@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
 
-from vllm_bitcpm import checkpoint_files, cpu_fused, lm_head
+from vllm_bitcpm import checkpoint_files, cpu_fused, lm_head, packed_checkpoint
 from vllm_bitcpm.quantization import BitCPMConfig
 
 logger = logging.getLogger("vllm.bitcpm")
@@ -60,12 +61,34 @@ class BitCPMForCausalLM(MiniCPMForCausalLM):
         build_with_bitcpm_config(self, super().__init__, vllm_config, prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # Check local safetensors files before vLLM reads them, so a truncated or corrupt file
-        # fails with its name and the tensor that is cut off instead of a parser error.
-        checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
+        check_before_loading(self.vllm_config.model_config.model)
         loaded = super().load_weights(weights)
+        check_every_parameter_loaded(self, loaded, self.vllm_config.model_config.model)
         install_cpu_fast_paths(self)
         return loaded
+
+
+def check_before_loading(model: str) -> None:
+    """Check a local checkpoint before vLLM reads it, so that damage fails with the file's name and
+    the tensor instead of a parser error or a half-loaded model: every safetensors file intact
+    (headers, offsets), and for a packed ``bitcpm`` checkpoint every layer's codes and scales
+    present and consistently shaped (packed_checkpoint.validate_packed_layout)."""
+    checkpoint_files.validate_local_checkpoint(model)
+    directory = Path(model)
+    config = packed_checkpoint.quantization_config(directory) if directory.is_dir() else None
+    if packed_checkpoint.is_converted(config) and config.get("quant_method") == "bitcpm":
+        packed_checkpoint.validate_packed_layout(directory, config)
+
+
+def check_every_parameter_loaded(model: torch.nn.Module, loaded: set[str], source: str) -> None:
+    """vLLM checks that a checkpoint filled every parameter only for models without a quantization
+    method; with ours, a checkpoint missing a layer's tensors would load and serve uninitialised
+    memory. Same check, for every parameter of the model."""
+    missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"bitcpm: the checkpoint {source} has no tensor for {len(missing)} parameter(s) of the "
+                         f"model: {shown} (the files are incomplete, or were written for another model)")
 
 
 def install_cpu_fast_paths(model: torch.nn.Module) -> None:

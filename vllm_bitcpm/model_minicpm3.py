@@ -17,8 +17,9 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.models.minicpm3 import MiniCPM3ForCausalLM
 
-from vllm_bitcpm import checkpoint_files
-from vllm_bitcpm.model import build_with_bitcpm_config, install_cpu_fast_paths
+from vllm_bitcpm.model import (
+    build_with_bitcpm_config, check_before_loading, check_every_parameter_loaded, install_cpu_fast_paths,
+)
 from vllm_bitcpm.quantization import TernaryLinearMethod
 
 
@@ -28,8 +29,9 @@ class BitCPM3ForCausalLM(MiniCPM3ForCausalLM):
         _name_unprefixed_layers(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        checkpoint_files.validate_local_checkpoint(self.vllm_config.model_config.model)
+        check_before_loading(self.vllm_config.model_config.model)
         loaded = super().load_weights(weights)
+        check_every_parameter_loaded(self, loaded, self.vllm_config.model_config.model)
         install_cpu_fast_paths(self)
         return loaded
 

@@ -139,6 +139,62 @@ def quantization_config(directory: Path) -> dict | None:
     return json.loads(path.read_text()).get("quantization_config") or None
 
 
+#: safetensors dtypes a packed layer's scales may have (the kernels read float32, bfloat16, float16).
+SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def validate_packed_layout(directory: Path, config: dict) -> None:
+    """Raise :class:`CorruptCheckpointError` naming the file and tensor unless every packed layer of a
+    ``bitcpm`` checkpoint is whole: codes and scales both present, codes uint8 (rows, 32 x blocks),
+    scales float (rows, groups) with as many rows as the codes and the group count that
+    ``group_size`` gives for the codes' width. Reads the safetensors headers only (each validated
+    first), so a crafted file fails here, before inspect, convert or an engine reads a tensor, and
+    a missing half of a layer cannot load as uninitialised memory."""
+    from vllm_bitcpm.checkpoint_files import validate_safetensors
+
+    group_size = config.get("group_size", -1)
+    if not (isinstance(group_size, int) and not isinstance(group_size, bool) and (group_size == -1 or group_size > 0)):
+        raise CorruptCheckpointError(f"{directory / 'config.json'}: quantization_config.group_size {group_size!r} "
+                                     "is not -1 (one scale per row) or a positive number of columns")
+    entries: dict[str, tuple[Path, dict]] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        header, _ = validate_safetensors(path)
+        for name, info in header.items():
+            if name.endswith((CODES_SUFFIX, SCALES_SUFFIX)):
+                if name in entries:
+                    raise CorruptCheckpointError(f"{path}: tensor '{name}' is also in {entries[name][0]}")
+                entries[name] = (path, info)
+    for name in sorted(entries):
+        path, info = entries[name]
+        is_codes = name.endswith(CODES_SUFFIX)
+        module = name[: -len(CODES_SUFFIX if is_codes else SCALES_SUFFIX)]
+        partner = module + (SCALES_SUFFIX if is_codes else CODES_SUFFIX)
+        if partner not in entries:
+            raise CorruptCheckpointError(f"{path}: tensor '{name}' has no '{partner}' in any weight file of "
+                                         f"{directory}: the packed layer is incomplete")
+        if not is_codes:
+            continue
+        shape, dtype = info["shape"], info["dtype"]
+        if dtype != "U8" or len(shape) != 2 or shape[1] == 0 or shape[1] % ternary.BLOCK_BYTES:
+            raise CorruptCheckpointError(f"{path}: tensor '{name}' is {dtype} {shape}; packed codes are U8 (rows, "
+                                         f"a multiple of {ternary.BLOCK_BYTES} bytes)")
+        scales_path, scales = entries[partner]
+        if scales["dtype"] not in SCALE_DTYPES or len(scales["shape"]) != 2 or scales["shape"][0] != shape[0]:
+            raise CorruptCheckpointError(f"{scales_path}: tensor '{partner}' is {scales['dtype']} {scales['shape']}; "
+                                         f"expected float ({', '.join(SCALE_DTYPES)}) ({shape[0]}, groups) for the "
+                                         f"{shape[0]} rows of '{name}'")
+        width = shape[1] * ternary.WEIGHTS_PER_BYTE  # input columns, padded to whole 128-weight blocks
+        if group_size == -1:
+            allowed = range(1, 2)
+        else:  # the true width lies within the last block: K in (width - 128, width]
+            allowed = range(-(-(width - ternary.BLOCK_WEIGHTS + 1) // group_size), -(-width // group_size) + 1)
+        if scales["shape"][1] not in allowed:
+            raise CorruptCheckpointError(
+                f"{scales_path}: tensor '{partner}' has {scales['shape'][1]} scale columns; group_size "
+                f"{group_size} over the {width} columns of '{name}' gives {allowed.start}"
+                + (f"..{allowed.stop - 1}" if len(allowed) > 1 else ""))
+
+
 def _zero_fraction(values: torch.Tensor, zero: int) -> float:
     return float((values == zero).float().mean())
 
@@ -150,6 +206,8 @@ def inspect_quantized(directory: Path, config: dict) -> list[LinearReport]:
     shape is a multiple of 128), and zeros among them (padding would count as zeros).
     """
     method = config.get("quant_method")
+    if method == "bitcpm":
+        validate_packed_layout(directory, config)
     tensors = {name: tensor for name, tensor, _ in iter_tensors(directory)}
     # Layers stored dense (`convert --keep-dense`) are inspected like a fake-quantized source's.
     reports = [inspect_linear(name, t) for name, t in sorted(tensors.items()) if is_linear_weight(name, t)]

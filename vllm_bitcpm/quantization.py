@@ -298,7 +298,9 @@ class TernaryLinearMethod(LinearMethodBase):
             torch.empty(rows, ternary.packed_row_bytes(input_size_per_partition), dtype=torch.uint8),
             requires_grad=False,
         )
-        scales = torch.nn.Parameter(torch.empty(rows, groups, dtype=params_dtype), requires_grad=False)
+        # NaN until loaded: rows a checkpoint never fills (a fused layer's missing q_proj, say) stay
+        # NaN and are refused after loading instead of serving uninitialised memory.
+        scales = torch.nn.Parameter(torch.full((rows, groups), float("nan"), dtype=params_dtype), requires_grad=False)
         expected_columns = {
             "weight_codes": ternary.packed_row_bytes(input_size),
             "weight_scales": 1 if group_size >= input_size else math.ceil(input_size / group_size),
@@ -316,6 +318,13 @@ class TernaryLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         report = self.quant_config.report
         if layer.bitcpm_loaded_packed:
+            unloaded = (~torch.isfinite(layer.weight_scales.data)).any(dim=1).nonzero().flatten()
+            if unloaded.numel():
+                raise ValueError(
+                    f"bitcpm: layer '{self.prefix}': the scales of {unloaded.numel()} of its "
+                    f"{layer.weight_scales.shape[0]} output rows (first {int(unloaded[0])}, last {int(unloaded[-1])}) "
+                    "were not in the checkpoint or are not finite: a packed part of this fused layer "
+                    "(one of q/k/v or gate/up) is missing from the files, or they are corrupt")
             # Scales arrive in the model dtype; keep them in 16 bits when that is exact.
             layer.weight_scales.data = ternary.narrowest_exact(layer.weight_scales.data, layer.weight_scales.dtype)
             rows, k = layer.weight_codes.shape[0], layer.bitcpm_in_features
