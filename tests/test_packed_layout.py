@@ -12,6 +12,7 @@ for a bounded run, and one engine child that loads each damaged copy.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import sys
@@ -134,9 +135,14 @@ def test_libfuzzer_target_finds_nothing_in_a_bounded_run(tmp_path):
     pytest.importorskip("atheris", reason="atheris (libFuzzer for Python) is not installed: pip install atheris")
     corpus = tmp_path / "corpus"
     shutil.copytree(FUZZ_DIR / "corpus", corpus)
+    # libFuzzer's memory limit reads the peak RSS (getrusage), which Linux carries over from the
+    # parent through fork and exec: a child of a long test session starts at the session's peak.
+    # So the limit is libFuzzer's default 2 GB above that inherited peak.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     proc = subprocess.run([sys.executable, str(FUZZ_DIR / "fuzz_checkpoint.py"), "-runs=3000", "-max_len=4096",
                            f"-dict={FUZZ_DIR / 'checkpoint.dict'}", f"-artifact_prefix={tmp_path}/", "-seed=1",
-                           str(corpus)], capture_output=True, text=True, timeout=600)
+                           f"-rss_limit_mb={inherited_mb + 2048}", str(corpus)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "Done 3000 runs" in proc.stderr, proc.stderr[-4000:]
 
 
