@@ -13,6 +13,7 @@ for a bounded run, and one engine child that loads each damaged copy.
 from __future__ import annotations
 
 import resource
+import runpy
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_libfuzzer_target_finds_nothing_in_a_bounded_run(tmp_path):
     non-zero exit with the input saved in tmp_path (longer runs: the target's docstring)."""
     pytest.importorskip("atheris", reason="atheris (libFuzzer for Python) is not installed: pip install atheris")
     corpus = tmp_path / "corpus"
-    shutil.copytree(FUZZ_DIR / "corpus", corpus)
+    runpy.run_path(str(FUZZ_DIR / "make_corpus.py"))["write_corpus"](corpus)  # the seeds, written now
     # libFuzzer's memory limit reads the peak RSS (getrusage), which Linux carries over from the
     # parent through fork and exec: a child of a long test session starts at the session's peak.
     # So the limit is libFuzzer's default 2 GB above that inherited peak.

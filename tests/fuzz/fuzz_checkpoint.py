@@ -1,14 +1,15 @@
 """libFuzzer target (atheris): the checkpoint readers on arbitrary bytes, as a stranger's file.
 
-    .venv/bin/python tests/fuzz/fuzz_checkpoint.py -max_len=4096 -runs=1000000 /tmp/corpus tests/fuzz/corpus
+    .venv/bin/python tests/fuzz/make_corpus.py /tmp/corpus
+    .venv/bin/python tests/fuzz/fuzz_checkpoint.py -max_len=4096 -dict=tests/fuzz/checkpoint.dict -runs=1000000 /tmp/corpus
 
 Each input is written as the ``model.safetensors`` of a packed ``bitcpm`` checkpoint (a fixed
 config.json: group_size 64, layout version 1) and read the ways the package reads checkpoints:
 ``validate_safetensors`` + ``SafetensorsReader`` (every tensor), ``validate_packed_layout`` (what
 engine load checks first) and ``inspect_checkpoint`` (which unpacks the codes). Each may end in
 ``CorruptCheckpointError`` or ``ConversionError`` naming the file or directory; any other exception,
-a crash, or a reader using more than libFuzzer's -rss_limit_mb (2 GB) is a finding. The seeds in
-tests/fuzz/corpus are small valid packed files (tests/fuzz/make_corpus.py);
+a crash, or a reader using more than libFuzzer's -rss_limit_mb (2 GB) is a finding. The seeds are
+small valid packed files written by tests/fuzz/make_corpus.py;
 tests/test_checkpoint_fuzz.py runs this target for a bounded number of inputs.
 """
 

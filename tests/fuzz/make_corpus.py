@@ -1,13 +1,15 @@
 """Write the seed inputs of fuzz_checkpoint.py: small valid packed bitcpm safetensors files.
 
-    .venv/bin/python tests/fuzz/make_corpus.py      # -> tests/fuzz/corpus/*.safetensors
+    .venv/bin/python tests/fuzz/make_corpus.py /tmp/corpus     # -> /tmp/corpus/*.safetensors
 
+Generated when needed (the repository holds no weight files outside vllm_bitcpm/data).
 Packed by the package's own quantizer (ternary.quantize_exact) from seeded random ternary
 weights: one packed layer per-row, one with groups of 64, one dense linear weight beside them.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,9 +17,6 @@ from safetensors.torch import save_file
 
 from vllm_bitcpm import packed_checkpoint as pc
 from vllm_bitcpm import ternary
-
-CORPUS = Path(__file__).resolve().parent / "corpus"
-
 
 def packed(rows: int, cols: int, group: int | None, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -31,8 +30,8 @@ def packed(rows: int, cols: int, group: int | None, seed: int) -> dict[str, torc
     return {"codes": matrix.codes, "scales": matrix.scales.to(torch.bfloat16)}
 
 
-def main() -> None:
-    CORPUS.mkdir(exist_ok=True)
+def write_corpus(corpus: Path) -> list[Path]:
+    corpus.mkdir(parents=True, exist_ok=True)
     q = packed(4, 128, 64, 0)
     o = packed(2, 128, None, 1)
     layer = "model.layers.0"
@@ -47,8 +46,13 @@ def main() -> None:
                               f"{layer}.input_layernorm.weight": torch.ones(8, dtype=torch.bfloat16)},
     }
     for name, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(CORPUS / name), metadata={"format": "pt"})
-        print(CORPUS / name, (CORPUS / name).stat().st_size, "bytes")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(corpus / name), metadata={"format": "pt"})
+    return [corpus / name for name in files]
+
+
+def main() -> None:
+    for path in write_corpus(Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")):
+        print(path, path.stat().st_size, "bytes")
 
 
 if __name__ == "__main__":
