@@ -145,10 +145,10 @@ _TORCH_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16
                       "BF16": "bfloat16", "I32": "int32", "F32": "float32", "I64": "int64", "F64": "float64"}
 
 
-def validate_local_checkpoint(model: str | os.PathLike) -> None:
-    """Validate every ``*.safetensors`` file of a local checkpoint directory (hub ids are skipped)."""
+def validate_local_checkpoint(model: str | os.PathLike) -> dict[Path, dict]:
+    """Validate every ``*.safetensors`` file of a local checkpoint directory (hub ids are skipped);
+    returns each file's header, for checks that read them next."""
     directory = Path(model)
     if not directory.is_dir():
-        return
-    for path in sorted(directory.glob("*.safetensors")):
-        validate_safetensors(path)
+        return {}
+    return {path: validate_safetensors(path)[0] for path in sorted(directory.glob("*.safetensors"))}

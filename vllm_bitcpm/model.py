@@ -73,11 +73,11 @@ def check_before_loading(model: str) -> None:
     the tensor instead of a parser error or a half-loaded model: every safetensors file intact
     (headers, offsets), and for a packed ``bitcpm`` checkpoint every layer's codes and scales
     present and consistently shaped (packed_checkpoint.validate_packed_layout)."""
-    checkpoint_files.validate_local_checkpoint(model)
+    headers = checkpoint_files.validate_local_checkpoint(model)  # each header read once, checked twice
     directory = Path(model)
     config = packed_checkpoint.quantization_config(directory) if directory.is_dir() else None
     if packed_checkpoint.is_converted(config) and config.get("quant_method") == "bitcpm":
-        packed_checkpoint.validate_packed_layout(directory, config)
+        packed_checkpoint.validate_packed_layout(directory, config, headers)
 
 
 def check_every_parameter_loaded(model: torch.nn.Module, loaded: set[str], source: str) -> None:

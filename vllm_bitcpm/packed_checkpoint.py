@@ -143,22 +143,22 @@ def quantization_config(directory: Path) -> dict | None:
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
-def validate_packed_layout(directory: Path, config: dict) -> None:
+def validate_packed_layout(directory: Path, config: dict, headers: dict[Path, dict] | None = None) -> None:
     """Raise :class:`CorruptCheckpointError` naming the file and tensor unless every packed layer of a
     ``bitcpm`` checkpoint is whole: codes and scales both present, codes uint8 (rows, 32 x blocks),
     scales float (rows, groups) with as many rows as the codes and the group count that
     ``group_size`` gives for the codes' width. Reads the safetensors headers only (each validated
     first), so a crafted file fails here, before inspect, convert or an engine reads a tensor, and
-    a missing half of a layer cannot load as uninitialised memory."""
-    from vllm_bitcpm.checkpoint_files import validate_safetensors
+    a missing half of a layer cannot load as uninitialised memory. ``headers``: each file's header
+    as ``checkpoint_files.validate_local_checkpoint`` returns them (read here when not given)."""
+    from vllm_bitcpm.checkpoint_files import validate_local_checkpoint
 
     group_size = config.get("group_size", -1)
     if not (isinstance(group_size, int) and not isinstance(group_size, bool) and (group_size == -1 or group_size > 0)):
         raise CorruptCheckpointError(f"{directory / 'config.json'}: quantization_config.group_size {group_size!r} "
                                      "is not -1 (one scale per row) or a positive number of columns")
     entries: dict[str, tuple[Path, dict]] = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        header, _ = validate_safetensors(path)
+    for path, header in (validate_local_checkpoint(directory) if headers is None else headers).items():
         for name, info in header.items():
             if name.endswith((CODES_SUFFIX, SCALES_SUFFIX)):
                 if name in entries:
