@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,8 +150,7 @@ def test_vllm_with_the_plugin_scores_the_recorded_perplexity(config, held_out, r
     windows = _windows(held_out)
     spec = {"model": tiny_model_path(), "windows": windows, "prompt": PROMPT}
     proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], input=json.dumps(spec), capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env={**__import__("os").environ,
-                                                                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])

@@ -221,15 +221,21 @@ def _held_out_prompts(documents: Sequence[str], count: int, words: int = 12) -> 
 
 
 @torch.no_grad()
-def evaluate_loss(model: QATMiniCPM, stream: torch.Tensor, tokens: int) -> float:
-    """Mean next-token cross-entropy (nats) over the first ``tokens`` of ``stream``, in windows."""
+def window_losses(model: QATMiniCPM, stream: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) of each ``seq_len`` window of the first ``tokens`` of
+    ``stream`` (each window scored on the tokens that follow its own), 16 windows per forward."""
     seq = model.recipe.seq_len
     usable = min(tokens, (stream.numel() - 1) // seq * seq)
     inputs = stream[:usable].view(-1, seq)
     targets = stream[1 : usable + 1].view(-1, seq)
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
-              for x, y in zip(inputs.split(16), targets.split(16))]
-    return float(sum(losses) / targets.numel())
+    return torch.cat([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(-1, seq).sum(1)
+                      for x, y in zip(inputs.split(16), targets.split(16))])
+
+
+def evaluate_loss(model: QATMiniCPM, stream: torch.Tensor, tokens: int) -> float:
+    """Mean next-token cross-entropy (nats) over the first ``tokens`` of ``stream``, in windows."""
+    losses = window_losses(model, stream, tokens)
+    return float(losses.sum() / (losses.numel() * model.recipe.seq_len))
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +341,7 @@ def read_record(path: str | os.PathLike) -> dict | None:
 
 
 def ensure_trained(path: str | os.PathLike = DEFAULT_CHECKPOINT, recipe: TrainingRecipe = RECIPES["default"],
-                   progress: bool = True) -> pathlib.Path:
+                   progress: bool = True, threads: int | None = None) -> pathlib.Path:
     """``path`` if it holds a model trained with ``recipe``, else train it there (cached, never committed)."""
     record = read_record(path)
     if record is not None and record["recipe"] == dataclasses.asdict(recipe) \
@@ -343,7 +349,7 @@ def ensure_trained(path: str | os.PathLike = DEFAULT_CHECKPOINT, recipe: Trainin
         return pathlib.Path(path)
     if progress:
         print(f"training the QAT BitCPM model into {path} (python -m vllm_bitcpm.testing.qat_training)", flush=True)
-    return train(path, recipe, progress=progress)
+    return train(path, recipe, progress=progress, threads=threads)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

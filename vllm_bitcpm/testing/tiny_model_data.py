@@ -45,36 +45,24 @@ def held_out_ids(trained: Path, record: dict) -> list[int]:
 
 
 def window_nll(trained: Path, record: dict, ids: list[int]) -> list[float]:
-    """Summed next-token NLL (nats) of each window, by the training code's own float32 evaluation of
-    the trained bf16 weights: what the record's perplexity averages; tests re-score a few windows."""
-    import dataclasses
-
+    """Each window's summed NLL (nats) by the training code's own evaluation (qat_training.window_losses)
+    of the trained bf16 weights: what the record's perplexity averages; tests re-score the windows."""
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from vllm_bitcpm.testing.qat_training import QATMiniCPM, TrainingRecipe
+    from vllm_bitcpm.testing.qat_training import QATMiniCPM, TrainingRecipe, window_losses
 
-    recipe = TrainingRecipe(**record["recipe"])
-    assert dataclasses.asdict(recipe) == record["recipe"]
     config = json.loads((trained / "config.json").read_text())
-    model = QATMiniCPM.from_exported(recipe, config, load_file(str(trained / "model.safetensors")))
-    stream, seq = torch.tensor(ids), recipe.seq_len
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, seq):
-            x, y = stream[start : start + seq], stream[start + 1 : start + seq + 1]
-            out.append(round(float(F.cross_entropy(model(x[None])[0], y, reduction="sum")), 4))
-    return out
+    model = QATMiniCPM.from_exported(TrainingRecipe(**record["recipe"]), config,
+                                     load_file(str(trained / "model.safetensors")))
+    return [round(float(v), 4) for v in window_losses(model, torch.tensor(ids), len(ids) - 1)]
 
 
 def build(trained: Path, out: Path, threads: int | None = None) -> Path:
     from vllm_bitcpm import packed_checkpoint as pc
-    from vllm_bitcpm.testing.qat_training import ensure_trained, read_record, train
+    from vllm_bitcpm.testing.qat_training import ensure_trained, read_record
 
-    if threads is not None and read_record(trained) is None:
-        train(trained, threads=threads)
-    ensure_trained(trained)
+    ensure_trained(trained, threads=threads)
     record = read_record(trained)
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         staged = Path(scratch) / out.name
