@@ -233,7 +233,7 @@ def _run_side(model: str, settings: dict, measures: dict, plugin: bool, extra_en
         for name in measures:
             _load_scratch_files(result.get(name))
     result["child_seconds"] = time.perf_counter() - started  # process start to exit, imports included
-    result.setdefault("kv_cache_tokens", _from_log(log, "KV cache size: ", " tokens"))
+    result.setdefault("kv_cache_tokens", logged_number(log, "KV cache size: ", " tokens"))
     result["plugin_log"] = next((l.split("] ", 1)[-1] for l in log.splitlines() if "bitcpm: packed" in l), None)
     result["env"] = {"VLLM_PLUGINS": "bitcpm" if plugin else "", **extra_env}
     return result
@@ -250,7 +250,7 @@ def _load_scratch_files(measured) -> None:
         measured[key.removesuffix("_file")] = torch.load(measured.pop(key))
 
 
-def _from_log(log: str, before: str, after: str) -> int | None:
+def logged_number(log: str, before: str, after: str) -> int | None:
     """A number vLLM logged, e.g. 'CPU KV cache size: 65,536 tokens' (multiprocess engines)."""
     for line in log.splitlines():
         if before in line and after in line:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +30,8 @@ if str(HERE) not in sys.path:
 
 # Which build an ISA mode runs is the core's (llama_cpp_peer.py's llama-bench comes from the same builds).
 from engine_sides import LLAMA_CPP_SETUP_HINT, llama_cpp_binary  # noqa: E402
+
+from vllm_bitcpm.testing.serve import prometheus_values  # noqa: E402
 
 STARTUP_TIMEOUT_S = 300
 #: Prometheus counters llama-server exports with --metrics, and vLLM's equivalents.
@@ -87,11 +88,7 @@ def llama_serve(gguf: Path, log: Path, slots: int, ctx_per_slot: int, threads: i
 
 def counter(base_url: str, name: str) -> float | None:
     """One Prometheus counter from the server's /metrics (None when it does not export it)."""
-    import requests
-
-    text = requests.get(f"{base_url}/metrics", timeout=10).text
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M)]
-    return sum(values) if values else None
+    return prometheus_values(base_url).get(name)
 
 
 def main(argv=None) -> None:

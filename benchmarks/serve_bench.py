@@ -198,10 +198,12 @@ def start_server(side: str, model: str, args, raw_dir: Path):
 
 def server_counts(server, kind: str) -> dict:
     """Generated and prompt tokens the server itself has counted so far (its /metrics)."""
-    from llama_server import GENERATED_COUNTERS, PROMPT_COUNTERS, counter
+    from llama_server import GENERATED_COUNTERS, PROMPT_COUNTERS
 
-    return {"generated": counter(server.base_url, GENERATED_COUNTERS[kind]),
-            "prompt": counter(server.base_url, PROMPT_COUNTERS[kind])}
+    from vllm_bitcpm.testing.serve import prometheus_values
+
+    values = prometheus_values(server.base_url)  # one /metrics read for both counts
+    return {"generated": values.get(GENERATED_COUNTERS[kind]), "prompt": values.get(PROMPT_COUNTERS[kind])}
 
 
 def run_level(server, backend: str, kind: str, model: str, args, concurrency: int, raw_dir: Path, name: str) -> dict:

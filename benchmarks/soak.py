@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -51,8 +50,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from engine_sides import RESULTS_DIR, add_source_arguments, resolve_model, write_json  # noqa: E402
+from engine_sides import (  # noqa: E402
+    RESULTS_DIR, add_source_arguments, logged_number, machine, resolve_model, write_json,
+)
 
+from vllm_bitcpm.testing.serve import prometheus_values  # noqa: E402
 from vllm_bitcpm.testing.soak_plan import (  # noqa: E402
     BAD_KINDS, EXTREME_KINDS, MAX_MODEL_LEN, burst_plan, plan, probe_plan, send, shutdown_plan, tally,
 )
@@ -90,11 +92,6 @@ def server_args(args, model: str) -> list[str]:
             "--shutdown-timeout", str(args.shutdown_timeout), *([] if args.compile else ["--enforce-eager"])]
 
 
-def kv_cache_capacity(log: Path) -> int | None:
-    """The KV cache size in tokens, as vLLM logged it ("CPU KV cache size: 2,048 tokens")."""
-    found = re.findall(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace"))
-    return int(found[-1].replace(",", "")) if found else None
-
 
 def filler_token(base_url: str) -> int:
     """A token id for token-id prompts of exact length (the tokenizer's id for "token")."""
@@ -106,28 +103,12 @@ def filler_token(base_url: str) -> int:
     return r.json()["tokens"][-1]
 
 
-def metrics(base_url: str) -> dict[str, float]:
-    """The server's Prometheus samples summed over labels, plus ``request_success`` per finish reason."""
-    import requests
-
-    values: dict[str, float] = {}
-    for line in requests.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        names = [key.split("{", 1)[0]]
-        if reason := re.search(r'finished_reason="([^"]+)"', key):
-            names.append(f"{names[0]}:{reason.group(1)}")
-        for name in names:
-            values[name] = values.get(name, 0.0) + float(value)
-    return values
-
 
 def wait_for_metrics(base_url: str, done, timeout: float) -> tuple[bool, dict[str, float]]:
     """Poll /metrics until ``done(values)`` (gauges move only when the engine steps)."""
     deadline = time.monotonic() + timeout
     while True:
-        values = metrics(base_url)
+        values = prometheus_values(base_url)
         if done(values) or time.monotonic() > deadline:
             return done(values), values
         time.sleep(0.25)
@@ -155,7 +136,7 @@ def sample_peaks(base_url: str, stop: threading.Event, peaks: dict) -> None:
     """The highest running and waiting counts /metrics shows until ``stop`` (queueing, seen)."""
     while not stop.is_set():
         with contextlib.suppress(Exception):
-            values = metrics(base_url)
+            values = prometheus_values(base_url)
             for key in ("running", "waiting"):
                 peaks[key] = max(peaks.get(key, 0), values.get(f"vllm:num_requests_{key}", 0))
         stop.wait(0.25)
@@ -163,9 +144,10 @@ def sample_peaks(base_url: str, stop: threading.Event, peaks: dict) -> None:
 
 def burst(server, args, filler: int, first_id: int) -> tuple[list[dict], dict]:
     """More requests at once than the KV cache holds: all must complete, none be dropped."""
-    capacity = kv_cache_capacity(server.log) or args.kv_cache_tokens
+    capacity = logged_number(server.log.read_text(errors="replace"), "KV cache size: ", " tokens") \
+        or args.kv_cache_tokens
     reqs = burst_plan(args.burst_concurrency, capacity, first_id)
-    before = metrics(server.base_url)
+    before = prometheus_values(server.base_url)
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=sample_peaks, args=(server.base_url, stop, peaks), daemon=True)
     sampler.start()
@@ -173,7 +155,7 @@ def burst(server, args, filler: int, first_id: int) -> tuple[list[dict], dict]:
     results = run_requests(server.base_url, reqs, len(reqs), filler, "burst")
     stop.set()
     sampler.join()
-    after = metrics(server.base_url)
+    after = prometheus_values(server.base_url)
     demand = sum(r["prompt_tokens"] + r["max_tokens"] for r in reqs)
     return results, {
         "requests": len(reqs), "kv_cache_tokens": capacity, "demand_tokens": demand,
@@ -228,7 +210,7 @@ def sigterm_under_load(server, args, filler: int, first_id: int) -> tuple[list[d
     unfinished = sum(not f.done() for f in futures)
     at_signal = {}
     with contextlib.suppress(Exception):  # the gauges as the server last reported them (may lag)
-        at_signal = metrics(server.base_url)
+        at_signal = prometheus_values(server.base_url)
     try:
         server.process.wait(timeout=limit)
         api_exit_s = time.monotonic() - started
@@ -393,7 +375,7 @@ def main(argv=None) -> int:
         facts["restart"] = {"same_port": facts["port"], "startup_s": startup_s, "error": error}
         facts["restart_served"] = bool(restarted) and all(r["outcome"] == "completed" for r in restarted)
     summary = summarize(results, facts, args)
-    report = {"kind": "bitcpm-soak", "model": model, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    report = {"kind": "bitcpm-soak", "model": model, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
               "command": " ".join(["python", "benchmarks/soak.py", *(argv if argv is not None else sys.argv[1:])]),
               "server_args": cmd_args, "summary": summary, "results": results}
     write_json(out, report)

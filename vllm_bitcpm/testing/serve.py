@@ -16,6 +16,20 @@ from pathlib import Path
 STARTUP_TIMEOUT_S = 600
 
 
+def prometheus_values(base_url: str) -> dict[str, float]:
+    """Every sample of the server's /metrics (vLLM's or llama-server's), summed over its labels."""
+    import requests
+
+    values: dict[str, float] = {}
+    for line in requests.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name = key.split("{", 1)[0]
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,7 +31,6 @@ BAD_KINDS = ("bad_json", "negative_max_tokens", "huge_max_tokens", "prompt_too_l
 #: Good requests at the edges of what the server accepts (each planned ``extremes_per_kind`` times).
 EXTREME_KINDS = ("max_tokens_1", "full_context", "past_context_clamped", "logprobs_max", "top_logprobs_max")
 #: Served kinds: judged by "served in full".
-SERVED_KINDS = ("good", "burst", *EXTREME_KINDS)
 OUTCOMES = ("completed", "aborted_by_client", "rejected_4xx", "cut_by_shutdown", "lost", "failed")
 #: A disconnecting client reads this many stream chunks, then closes; it asks for enough tokens that
 #: the stream is still going when it does.
