@@ -3,7 +3,7 @@
     python -m vllm_bitcpm.demo                      # the trained tiny model that ships with the package
     python -m vllm_bitcpm.demo openbmb/BitCPM4-0.5B # or any local path / hub id
     python -m vllm_bitcpm.demo --synthetic          # a random synthetic checkpoint (gibberish text)
-    python -m vllm_bitcpm.demo --train              # retrain the tiny model locally (about 15 min) and use it
+    python -m vllm_bitcpm.demo --train              # retrain the tiny model locally (15-35 min on 2 cores) and use it
 
 The plugin is picked up through its entry point, exactly as in ``vllm serve``; nothing here
 enables it. The shipped model (vllm_bitcpm/data: a ternary QAT MiniCPM trained on Python's own
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"demo: the trained ternary model in {model} (trained locally)")
                 else:
                     print(f"demo: no trained model in {trained} (`python -m vllm_bitcpm.demo --train` trains one, "
-                          "about 15 min once); using random synthetic weights, whose text is gibberish")
+                          "15-35 min once on 2 cores); using random synthetic weights, whose text is gibberish")
             else:
                 from vllm_bitcpm.data import tiny_model_path
 
