@@ -28,7 +28,8 @@ main() {
   echo "== $(date -u +%FT%TZ) repo $ROOT, git $(git rev-parse --short HEAD 2>/dev/null) (dirty files: $(git status --porcelain 2>/dev/null | wc -l))"
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
 
-  if [ -f "$SITE/.bundle-ok" ]; then
+  # .bundle-ok holds the SHA256SUMS of the bundle unpacked there: a rebuilt bundle is unpacked again.
+  if [ -f "$SITE/.bundle-ok" ] && cmp -s "$SITE/.bundle-ok" "$SUMS"; then
     echo "== $SITE already unpacked (rerun): skipping the bundle"
   else
     mkdir -p "$BUNDLE"
@@ -44,16 +45,12 @@ main() {
     local t0=$SECONDS
     local parts; parts=$(grep -o 'bundle\.tar\.xz\.part-[0-9]*$' "$SUMS")   # in order, no stale extras
     (cd "$BUNDLE" && cat $parts) | python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall(sys.argv[1], filter='fully_trusted')" "$SITE" || return 3
-    touch "$SITE/.bundle-ok"
+    cp "$SUMS" "$SITE/.bundle-ok"
     echo "== unpacked $(du -sh "$SITE" | cut -f1) into $SITE in $((SECONDS - t0)) s"
   fi
 
   export PYTHONPATH="$SITE:$ROOT" PYTHONUNBUFFERED=1
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
-
-  # vLLM 0.25's MPLinearLayerConfig requires has_g_idx; vllm_bitcpm/compat.py binds it (False).
-  grep -q has_g_idx vllm_bitcpm/compat.py ||
-    echo "!! vllm_bitcpm/compat.py lacks the has_g_idx fix: the plugin's int4 path fails on vLLM 0.25"
 
   python3 -c 'import vllm, vllm_bitcpm; print("vllm", vllm.__version__, "from", vllm.__file__, "| vllm_bitcpm from", vllm_bitcpm.__file__)' || return 4
   timeout 120 python3 "$HERE/preflight.py" 2>&1 | tee "$OUT/preflight.txt"
