@@ -1,5 +1,5 @@
-// Run-time CPU checks and small SIMD helpers shared by the CPU kernels (the rows_*.cpp of ternary_linear,
-// lm_head_gemv.cpp). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
+// Run-time CPU checks and small SIMD helpers shared by the CPU kernels (the kernel files
+// of kernels/cpu/ include it). Each kernel file is compiled for the baseline ISA; code for wider ISAs sits in
 // functions with __attribute__((target(...))) that run only after these checks pass.
 //
 // SIMD code is compiled only for its architecture: x86 code where BITCPM_X86 is 1, the NEON
@@ -144,8 +144,11 @@ __attribute__((target("avx2,fma"))) inline int32_t hsum256_epi32(__m256i v) {
 
 // The body of a SIMD entry point's stand-in on other architectures. Dispatch only picks a SIMD
 // path after a cpu_has_* check, which is false there, so reaching one is a dispatch bug, named as such.
-#define BITCPM_NO_SIMD_PATH(name)                                                                          \
-  TORCH_CHECK(false, "bitcpm_cpu: ", name, " is a SIMD path of another architecture and was called on "    \
-              "this CPU (a dispatch bug in kernels/cpu/)")
+[[noreturn]] inline void no_simd_path(const char* name) {
+  TORCH_CHECK(false, "bitcpm_cpu: ", name, " is a SIMD path of another architecture and was called on "
+              "this CPU (a dispatch bug in kernels/cpu/)");
+  __builtin_unreachable();
+}
+#define BITCPM_NO_SIMD_PATH(name) ::bitcpm_cpu::no_simd_path(name)
 
 }  // namespace bitcpm_cpu

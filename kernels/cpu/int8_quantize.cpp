@@ -17,6 +17,9 @@
 #include <cstring>
 
 namespace bitcpm_cpu {
+namespace {
+constexpr float kInvNumerator = 127.0f;  // inv = 127 / max|x|, as the reference
+}  // namespace
 
 // Per-token absmax int8 quantization, bit-compatible with reference.quantize_activations_int8:
 // inv = 127/max|x| (1 if all zero, NaN if any non-finite). PyTorch evaluates the reference's

@@ -8,8 +8,6 @@
 
 namespace bitcpm_cpu {
 
-constexpr float kInvNumerator = 127.0f;
-
 // One token: q (zero padded to c.Kp), the per-group sums of q, and inv = 127 / max|x| (NaN for
 // a token with a non-finite value: its outputs become NaN, as the dense layer's would).
 void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* qr, int32_t* qs, float* inv_out);

@@ -25,10 +25,10 @@ RowFn avx2_exact_rows(int mb, bool whole_row);
 RowFn avx2_int8_rows(int mb);  // any group size >= 32; reads c.q, c.qsum / c.qlane, c.inv
 // Rows dequantized in the permuted order (the ternary GEMM's decoder).
 void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf);
-// AVX512 F/BW/VL (rows_avx512.cpp); int8 needs VNNI and G == 1 or group_size >= 64.
+// AVX512 F/BW/VL (rows_avx512.cpp); int8 needs VNNI and G == 1 or group_size >= 64. Dequant: the
+// AVX2 routine (store bound).
 RowFn avx512_exact_rows(int mb, bool whole_row);
 RowFn avx512_vnni_int8_rows(int mb);
-void dequant_rows_avx512(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf);
 
 // ---- AVX512-BF16, exact mode with bf16 x (rows_avx512bf16.cpp): x in the bf16 decode order
 // (permute_x_bf16) in c.xb, Kc = chunks * kChunkWeights; needs G == 1 or group_size >= 128.

@@ -269,14 +269,8 @@ __attribute__((target("avx2,fma"))) void dequant_rows_avx2(const Ctx& c, int64_t
 }
 
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
-RowFn avx2_exact_rows(int, bool) {
-  BITCPM_NO_SIMD_PATH("avx2_exact_rows");
-  return nullptr;
-}
-RowFn avx2_int8_rows(int) {
-  BITCPM_NO_SIMD_PATH("avx2_int8_rows");
-  return nullptr;
-}
+RowFn avx2_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("avx2_exact_rows"); }
+RowFn avx2_int8_rows(int) { BITCPM_NO_SIMD_PATH("avx2_int8_rows"); }
 void dequant_rows_avx2(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
   BITCPM_NO_SIMD_PATH("dequant_rows_avx2");
 }

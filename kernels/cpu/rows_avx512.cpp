@@ -5,7 +5,7 @@
 //     16-lane vector covers AVX2 vectors (s, b) and (s, b+1), so one 32-byte code word is
 //     broadcast to both halves and shifted per half with `vpsrlvd`, then `vpermps` and one FMA
 //     per token. Valgrind has no AVX512, so this path is tested against float64, not counted.
-//   dequant: the AVX2 routine (store bound; same layout).
+//   dequant: none of its own; the AVX2 routine (rows_avx2.cpp) is store bound and shares the layout.
 //   int8 mode (needs VNNI and group_size >= 64): 64 codes per `vpsrlvw` + `vpand` from a 32-byte
 //     word broadcast to both halves, one `vpdpbusd(codes, q)` per 64 weights per token (exact
 //     u8*s8 sums), two chains per token, group offsets subtracted as integers.
@@ -27,7 +27,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline float hsum5
   return _mm512_reduce_add_ps(v);
 }
 
-// WholeRow: as in exact_rows_avx2_t (fixed table, the row's scale applied to the fp32 sum once).
+// WholeRow: as in exact_rows_avx2_t (rows_avx2.cpp: fixed table, the row's scale applied to the fp32 sum once).
 template <int MB, bool WholeRow>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void exact_rows_avx512_t(const Ctx& c, int64_t n0,
                                                                                        int64_t n1, int64_t m0,
@@ -177,25 +177,9 @@ RowFn avx512_exact_rows(int mb, bool whole_row) {
 
 RowFn avx512_vnni_int8_rows(int mb) { return pick_tokens<Int8Avx512Vnni>(mb); }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_avx512(const Ctx& c, int64_t n0,
-                                                                                      int64_t n1, float* out,
-                                                                                      int64_t ld, float* sbuf) {
-  // Dequantization is store-bound; the AVX2 routine is as fast and shares the layout.
-  dequant_rows_avx2(c, n0, n1, out, ld, sbuf);
-}
-
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
-RowFn avx512_exact_rows(int, bool) {
-  BITCPM_NO_SIMD_PATH("avx512_exact_rows");
-  return nullptr;
-}
-RowFn avx512_vnni_int8_rows(int) {
-  BITCPM_NO_SIMD_PATH("avx512_vnni_int8_rows");
-  return nullptr;
-}
-void dequant_rows_avx512(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
-  BITCPM_NO_SIMD_PATH("dequant_rows_avx512");
-}
+RowFn avx512_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("avx512_exact_rows"); }
+RowFn avx512_vnni_int8_rows(int) { BITCPM_NO_SIMD_PATH("avx512_vnni_int8_rows"); }
 #endif  // BITCPM_X86
 
 }  // namespace bitcpm_cpu

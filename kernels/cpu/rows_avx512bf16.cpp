@@ -277,10 +277,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_
 }
 
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
-RowFn bf16_exact_rows(int, bool) {
-  BITCPM_NO_SIMD_PATH("bf16_exact_rows");
-  return nullptr;
-}
+RowFn bf16_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("bf16_exact_rows"); }
 void dequant_rows_bf16(const Ctx&, int64_t, int64_t, uint16_t*) { BITCPM_NO_SIMD_PATH("dequant_rows_bf16"); }
 #endif  // BITCPM_X86
 

@@ -24,8 +24,6 @@
 
 #include "cpu_features.h"
 
-#include <algorithm>
-
 #if BITCPM_ARM64
 #include <arm_neon.h>
 
@@ -279,14 +277,8 @@ void neon_dequant_rows(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t
 
 #else  // not aarch64: never picked (cpu_has_neon() is false), see cpu_features.h
 
-RowFn neon_exact_rows(int, bool) {
-  BITCPM_NO_SIMD_PATH("neon_exact_rows");
-  return nullptr;
-}
-RowFn neon_int8_rows(int, bool) {
-  BITCPM_NO_SIMD_PATH("neon_int8_rows");
-  return nullptr;
-}
+RowFn neon_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("neon_exact_rows"); }
+RowFn neon_int8_rows(int, bool) { BITCPM_NO_SIMD_PATH("neon_int8_rows"); }
 void neon_dequant_rows(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
   BITCPM_NO_SIMD_PATH("neon_dequant_rows");
 }

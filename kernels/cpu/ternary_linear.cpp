@@ -7,6 +7,7 @@
 // The kernel files, one job each (kernels/README.md has the instruction counts and figures):
 //   isa_paths.{h,cpp}      which path this CPU runs (run-time CPU checks, VLLM_BITCPM_ISA's cap)
 //   cpu_features.h         the CPU checks themselves; x86 SIMD code sits behind BITCPM_X86
+//   ternary_linear_rows.h  what a row kernel gets (Ctx), scale loading, pick_tokens
 //   row_kernels.h          every path's row kernels (decode loops), with
 //     rows_scalar.cpp      the scalar twin every SIMD path is tested against
 //     rows_avx2.cpp        fp32: `vpsrld` + `vpermps` decode, one FMA per token; int8: `vpmaddubsw`
@@ -34,8 +35,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <Python.h>
@@ -73,8 +72,7 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
 // Token tile per ISA / mode (accumulator registers: 16 ymm on AVX2, 32 zmm on AVX512).
 int token_tile(Isa isa, bool int8) {
-  if (isa >= Isa::kAvx512) return 8;
-  return int8 ? 4 : 8;
+  return isa >= Isa::kAvx512 || !int8 ? kMaxTokenTile : 4;
 }
 
 // Rows [0, N) split across threads; inside a thread, tiles of kRowTile rows, and for each tile
@@ -265,8 +263,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           const int64_t gemm_m = Mrows - tail;
           ternary_gemm_fp32(gemm_m, N, c.Kp, c.xp, c.y, [&](int64_t a, int64_t b, float* out, int64_t ld) {
             std::vector<float> sbuf(G);
-            if (isa >= Isa::kAvx512) dequant_rows_avx512(c, a, b, out, ld, sbuf.data());
-            else dequant_rows_avx2(c, a, b, out, ld, sbuf.data());
+            dequant_rows_avx2(c, a, b, out, ld, sbuf.data());  // store bound: AVX512 CPUs use it too
           });
           if (tail > 0) {
             Ctx rest = c;  // the last `tail` tokens: row kernels index x and y from these pointers
@@ -295,8 +292,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
               std::vector<float> sbuf(G);
               float* dst = wp + (a - t0) * ld;
               if (isa == Isa::kScalar) dequant_rows_scalar(c, a, b, dst, ld, sbuf.data());
-              else if (isa >= Isa::kAvx512) dequant_rows_avx512(c, a, b, dst, ld, sbuf.data());
-              else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());
+              else dequant_rows_avx2(c, a, b, dst, ld, sbuf.data());  // AVX512 CPUs too: store bound
             });
             const at::Tensor w_tile = wt.narrow(0, 0, t1 - t0);
             const at::Tensor part = at::mm(xa, w_tile.t());

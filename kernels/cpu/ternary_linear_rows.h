@@ -61,6 +61,7 @@ RowFn pick_tokens(int mb) {
     default: return Pick<8>::fn;
   }
 }
+static_assert(kMaxTokenTile == 8, "pick_tokens covers 1..8 tokens");
 
 inline int64_t group_of(const Ctx& c, int64_t k) {
   if (c.G == 1) return 0;
