@@ -41,20 +41,26 @@ SIDES = [
     ("plugin-int8-act", True, {"VLLM_BITCPM_ACTIVATIONS": "int8"}, {}),
     ("plugin-int8-head", True, {"VLLM_BITCPM_LM_HEAD": "int8"}, {}),
     ("plugin-int8", True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}, {}),
+    # int16 activations (integer kernels at about exact mode's accuracy), alone and with the int8 head
+    ("plugin-int16-act", True, {"VLLM_BITCPM_ACTIVATIONS": "int16"}, {}),
+    ("plugin-int16", True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"}, {}),
     ("stock-fp32", False, {}, {"dtype": "float32"}),
     ("plugin-fp32", True, {}, {"dtype": "float32"}),
 ]
 SIDE_NAMES = [name for name, *_ in SIDES]
 #: What runs unless --sides says otherwise (report.py --isa avx2 adds stock-fp32, a target's baseline).
 DEFAULT_SIDES = ["stock", "plugin", "plugin-int8"]
-#: What a model trained by vllm_bitcpm.testing.qat_training gets by default: each int8 option alone too.
-TRAINED_MODEL_SIDES = ["stock", "plugin", "plugin-int8-act", "plugin-int8-head", "plugin-int8"]
+#: What a model trained by vllm_bitcpm.testing.qat_training gets by default: each activation and
+#: head option alone too.
+TRAINED_MODEL_SIDES = ["stock", "plugin", "plugin-int16-act", "plugin-int8-act", "plugin-int8-head", "plugin-int8"]
 SIDE_LABELS = {
     "stock": "stock vLLM",
     "plugin": "vLLM + bitcpm",
     "plugin-int8": "vLLM + bitcpm int8",
     "plugin-int8-act": "vLLM + bitcpm int8 activations",
     "plugin-int8-head": "vLLM + bitcpm int8 head",
+    "plugin-int16-act": "vLLM + bitcpm int16 activations",
+    "plugin-int16": "vLLM + bitcpm int16 act. + int8 head",
     "stock-fp32": "stock vLLM float32",
     "plugin-fp32": "vLLM + bitcpm float32",
     # peers measured in the same run (benchmarks/llama_cpp_peer.py)

@@ -38,7 +38,7 @@ TOGGLE_PATTERNS = ("*ternary_linear_impl(*Isa)", "*ternary_linear_impl(*Isa) [cl
 SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
 
 
-def child(shape: str, tokens: int, calls: int, int8: bool) -> None:
+def child(shape: str, tokens: int, calls: int, activations: str) -> None:
     """Run the op ``calls`` times on one layer shape (inside valgrind)."""
     import torch
 
@@ -52,19 +52,19 @@ def child(shape: str, tokens: int, calls: int, int8: bool) -> None:
     scales = (torch.rand(n, 1, generator=gen) + 0.5).to(torch.bfloat16)
     x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
     for _ in range(calls):
-        torch.ops.bitcpm.ternary_linear(x, codes, scales, k, None, int8)
+        torch.ops.bitcpm.ternary_linear(x, codes, scales, k, None, activations)
     from vllm_bitcpm.ops import cpu as cpu_kernel
 
     print(f"KERNEL_ISA {cpu_kernel.ISA}")
 
 
-def count(isa: str, shape: str, tokens: int, calls: int, int8: bool) -> int:
+def count(isa: str, shape: str, tokens: int, calls: int, activations: str) -> int:
     """Instructions callgrind collected inside the op's C++ body for ``calls`` calls."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VLLM_BITCPM_ISA": isa, "OMP_NUM_THREADS": "1"}
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
                 *(f"--toggle-collect={pattern}" for pattern in TOGGLE_PATTERNS), sys.executable, str(Path(__file__).resolve()),
-                "--child", shape, str(tokens), str(calls), "1" if int8 else "0"]
+                "--child", shape, str(tokens), str(calls), activations]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     found = re.search(r"Collected : (\d+)", proc.stderr)
     ran = re.search(r"KERNEL_ISA (\S+)", proc.stdout)
@@ -78,7 +78,7 @@ def count(isa: str, shape: str, tokens: int, calls: int, int8: bool) -> int:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     from vllm_bitcpm.ops import cpu as cpu_kernel
 
@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["gate_up"], choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--int8", action="store_true", help="int8 activations instead of exact")
+    parser.add_argument("--activations", default="exact", choices=["exact", "int8", "int16"],
+                        help="the op's activation mode (VLLM_BITCPM_ACTIVATIONS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -103,9 +104,9 @@ def main() -> None:
     rows = []
     for isa, shape, tokens in tqdm(cases, unit="case"):
         k, n = SHAPES[shape]
-        total = count(isa, shape, tokens, args.calls, args.int8)
+        total = count(isa, shape, tokens, args.calls, args.activations)
         rows.append({"isa": isa, "layer": shape, "K": k, "N": n, "M": tokens, "calls": args.calls,
-                     "activations": "int8" if args.int8 else "exact", "instructions": total,
+                     "activations": args.activations, "instructions": total,
                      "per_32_weight_token_products": total / args.calls / (tokens * k * n / 32)})
     print("| ISA | layer (K->N) | M | instructions per call | per 32 weights x tokens |")
     print("|---|---|---:|---:|---:|")

@@ -93,12 +93,12 @@ def bench_threads(threads: int, quick: bool, head_only: bool = False) -> dict:
             x16 = x32.to(torch.bfloat16)
             cases = {
                 # bf16 activations, as vLLM runs BitCPM4 (on AVX512-BF16 CPUs: the vdpbf16ps path)
-                "ternary exact": (lambda: torch.ops.bitcpm.ternary_linear(x16, codes, scales, k, None, False), packed_bytes),
-                "ternary exact, fp32 x": (lambda: torch.ops.bitcpm.ternary_linear(x32, codes, scales, k, None, False), packed_bytes),
-                "ternary int8": (lambda: torch.ops.bitcpm.ternary_linear(x16, codes, scales, k, None, True), packed_bytes),
+                "ternary exact": (lambda: torch.ops.bitcpm.ternary_linear(x16, codes, scales, k, None, "exact"), packed_bytes),
+                "ternary exact, fp32 x": (lambda: torch.ops.bitcpm.ternary_linear(x32, codes, scales, k, None, "exact"), packed_bytes),
+                "ternary int8": (lambda: torch.ops.bitcpm.ternary_linear(x16, codes, scales, k, None, "int8"), packed_bytes),
                 "dense bf16": (lambda: F.linear(x16, dense16), dense16.numel() * 2),
                 "dense fp32": (lambda: F.linear(x32, dense32), dense32.numel() * 4),
-                "reference op": (lambda: reference.ternary_linear_reference(x32, codes, scales, k, None, False), packed_bytes),
+                "reference op": (lambda: reference.ternary_linear_reference(x32, codes, scales, k, None, "exact"), packed_bytes),
             }
             for method, (fn, wbytes) in cases.items():
                 if quick and method == "reference op" and m != 1:

@@ -37,7 +37,7 @@ from engine_sides import RESULTS_DIR, isa_class, machine  # noqa: E402
 
 SHAPES = {"qkv": (1280, 1024), "o": (1024, 1024), "gate_up": (8192, 1024), "down": (1024, 4096)}
 TOKENS = (1, 2, 4, 8, 10, 16, 32, 64, 128, 256, 512)
-SIDES = ("plugin", "plugin-int8", "stock-bf16", "stock-fp32")
+SIDES = ("plugin", "plugin-int16", "plugin-int8", "stock-bf16", "stock-fp32")
 
 
 def min_ms_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -99,7 +99,9 @@ def measure(tokens, threads_list, repeats: int) -> list[dict]:
         fns = {
             "plugin": lambda: ops.ternary_linear(x, packed.codes, packed.scales, packed.group_size),
             "plugin-int8": lambda: ops.ternary_linear(x, packed.codes, packed.scales, packed.group_size,
-                                                      int8_activations=True),
+                                                      activations="int8"),
+            "plugin-int16": lambda: ops.ternary_linear(x, packed.codes, packed.scales, packed.group_size,
+                                                       activations="int16"),
             "stock-fp32": lambda: vllm_ops.onednn_mm(h32, x32, None),
         }
         if onednn_bf16:
@@ -124,7 +126,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             out.append({"threads": threads, "tokens": m, **{f"{s}_ms": v for s, v in tot.items()},
                         "plugin_over_stock_bf16": tot["plugin"] / tot["stock-bf16"],
                         "plugin_over_stock_fp32": tot["plugin"] / tot["stock-fp32"],
-                        "int8_over_plugin": tot["plugin-int8"] / tot["plugin"]})
+                        "int8_over_plugin": tot["plugin-int8"] / tot["plugin"],
+                        "int16_over_plugin": tot["plugin-int16"] / tot["plugin"]})
     return out
 
 
@@ -185,12 +188,14 @@ def main() -> None:
         rows += json.loads(part.read_text())
         part.unlink()
     summary = summarize(rows)
-    print("| threads | M | plugin ms | int8 ms | stock bf16 ms | stock fp32 ms | plugin/bf16 | plugin/fp32 | int8/plugin |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | M | plugin ms | int16 ms | int8 ms | stock bf16 ms | stock fp32 ms | plugin/bf16 | plugin/fp32 "
+          "| int16/plugin | int8/plugin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
-        print(f"| {s['threads']} | {s['tokens']} | {s['plugin_ms']:.2f} | {s['plugin-int8_ms']:.2f} | "
-              f"{s['stock-bf16_ms']:.2f} | {s['stock-fp32_ms']:.2f} | {s['plugin_over_stock_bf16']:.2f} | "
-              f"{s['plugin_over_stock_fp32']:.2f} | {s['int8_over_plugin']:.2f} |")
+        print(f"| {s['threads']} | {s['tokens']} | {s['plugin_ms']:.2f} | {s['plugin-int16_ms']:.2f} | "
+              f"{s['plugin-int8_ms']:.2f} | {s['stock-bf16_ms']:.2f} | {s['stock-fp32_ms']:.2f} | "
+              f"{s['plugin_over_stock_bf16']:.2f} | {s['plugin_over_stock_fp32']:.2f} | {s['int16_over_plugin']:.2f} | "
+              f"{s['int8_over_plugin']:.2f} |")
     cls = (isa_class(info) or info.get("arch") or "cpu").replace(" ", "-")
     name = f"prefill_gemm-{cls}" + ("-avx2mode" if args.isa == "avx2" else "")
     out = args.out or RESULTS_DIR / f"{name}.json"

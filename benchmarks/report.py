@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sides = [*DEFAULT_SIDES, "stock-fp32"]  # the AVX2 targets' prefill and batch-10 baseline
     trained = bool(args.model) and accuracy.is_trained_model(args.model)
     if trained and args.sides == DEFAULT_SIDES:
-        args.sides = list(TRAINED_MODEL_SIDES)  # judge each int8 option on its own
+        args.sides = list(TRAINED_MODEL_SIDES)  # judge each option on its own
     if args.results_dir is None:
         args.results_dir = str(RESULTS_DIR / ("smoke" if args.smoke else "trained" if trained else ""))
     return args

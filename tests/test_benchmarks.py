@@ -150,7 +150,7 @@ def test_prefill_gemm_sweep_runs(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 2 * 4 and {r["layer"] for r in result["rows"]} == {"qkv", "o", "gate_up", "down"}
     for row in result["rows"]:
-        assert all(row[f"{side}_ms"] > 0 for side in ("plugin", "plugin-int8", "stock-bf16", "stock-fp32"))
+        assert all(row[f"{side}_ms"] > 0 for side in ("plugin", "plugin-int16", "plugin-int8", "stock-bf16", "stock-fp32"))
     assert [s["tokens"] for s in result["summary"]] == [1, 12] and result["isa_paths"]["bitcpm_kernel_isa"]
     assert out.with_suffix(".png").exists()
 

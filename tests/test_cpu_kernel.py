@@ -39,8 +39,8 @@ def isa(request):
 from tests.test_op import random_packed  # noqa: E402  (same operands as the op tests)
 
 
-def kernel(x, codes, scales, group_size, bias=None, int8=False, isa="auto"):
-    return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, bias, int8, isa)
+def kernel(x, codes, scales, group_size, bias=None, acts="exact", isa="auto"):
+    return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, bias, acts, isa)
 
 
 def dense64(trits, scales, group_size):
@@ -54,11 +54,25 @@ def exact_oracle(x, trits, scales, group_size, bias=None):
     return y if bias is None else y + bias.to(torch.float64)
 
 
-def int8_oracle(x, trits, scales, group_size, bias=None):
+def integer_oracle(x, trits, scales, group_size, bias=None, acts="int8"):
     """Integer dot products of absmax-quantized activations (float32 quantization, as specified)."""
-    q, inv = reference.quantize_activations_int8(x)
+    q, inv = reference.quantize_activations(x, reference.QMAX[acts])
     y = (q.to(torch.float64) @ dense64(trits, scales, group_size).T) / inv.to(torch.float64)
     return y if bias is None else y + bias.to(torch.float64)
+
+
+def int8_oracle(x, trits, scales, group_size, bias=None):
+    return integer_oracle(x, trits, scales, group_size, bias, "int8")
+
+
+def oracle_of(acts):
+    """The float64 oracle of an activation mode."""
+    if acts == "exact":
+        return exact_oracle
+    return lambda x, trits, scales, gs, bias=None: integer_oracle(x, trits, scales, gs, bias, acts)
+
+
+ACTIVATIONS = ["exact", "int8", "int16"]
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -91,9 +105,9 @@ CASES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("acts", ACTIVATIONS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_kernel_matches_oracles(isa, case, int8):
+def test_kernel_matches_oracles(isa, case, acts):
     m, k, n, gs = CASES[case]
     if isa == "scalar" and m * k * n > 50_000_000:
         pytest.skip("too slow for the scalar path; a smaller case covers it")
@@ -102,39 +116,37 @@ def test_kernel_matches_oracles(isa, case, int8):
     codes, scales, trits = random_packed(n, k, gs, scale_dtype, seed=case)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + case)).to(x_dtype)
     bias = torch.randn(n).to(x_dtype) if case % 2 else None
-    y = kernel(x, codes, scales, gs, bias, int8, isa)
+    y = kernel(x, codes, scales, gs, bias, acts, isa)
     assert y.dtype == x_dtype and y.shape == (m, n)
-    oracle = int8_oracle if int8 else exact_oracle
-    assert rel_err(y, oracle(x, trits, scales, gs, bias)) < TOL[x_dtype]
-    ref = reference.ternary_linear_reference(x, codes, scales, gs, bias, int8)
+    assert rel_err(y, oracle_of(acts)(x, trits, scales, gs, bias)) < TOL[x_dtype]
+    ref = reference.ternary_linear_reference(x, codes, scales, gs, bias, acts)
     assert rel_err(y, ref.to(torch.float64)) < TOL[x_dtype]
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("acts", ACTIVATIONS)
 @pytest.mark.parametrize("m", [3, 40])
-def test_every_dtype_pair(isa, m, int8):
+def test_every_dtype_pair(isa, m, acts):
     for x_dtype in DTYPES:
         for scale_dtype in DTYPES:
             codes, scales, trits = random_packed(20, 300, 64, scale_dtype)
             x = torch.randn(m, 300).to(x_dtype)
-            y = kernel(x, codes, scales, 64, None, int8, isa)
-            oracle = int8_oracle if int8 else exact_oracle
+            y = kernel(x, codes, scales, 64, None, acts, isa)
             assert y.dtype == x_dtype
-            assert rel_err(y, oracle(x, trits, scales, 64)) < TOL[x_dtype], (x_dtype, scale_dtype)
+            assert rel_err(y, oracle_of(acts)(x, trits, scales, 64)) < TOL[x_dtype], (x_dtype, scale_dtype)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
-def test_auto_dispatch_is_the_registered_cpu_kernel(int8):
+@pytest.mark.parametrize("acts", ACTIVATIONS)
+def test_auto_dispatch_is_the_registered_cpu_kernel(acts):
     codes, scales, trits = random_packed(33, 1000, 128, torch.bfloat16)
     x = torch.randn(5, 1000)
-    y_op = torch.ops.bitcpm.ternary_linear(x, codes, scales, 128, None, int8)
-    y_auto = kernel(x, codes, scales, 128, None, int8, "auto")
+    y_op = torch.ops.bitcpm.ternary_linear(x, codes, scales, 128, None, acts)
+    y_auto = kernel(x, codes, scales, 128, None, acts, "auto")
     assert torch.equal(y_op, y_auto)
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("acts", ACTIVATIONS)
 @pytest.mark.parametrize("m", [5, 40])
-def test_zero_rows_and_extreme_scales(isa, m, int8):
+def test_zero_rows_and_extreme_scales(isa, m, acts):
     k, n, gs = 300, 24, 64
     for scale_range in [(1e30, 2e30), (1e-30, 2e-30), (0.5, 1.5)]:
         codes, scales, trits = random_packed(n, k, gs, torch.float32, scale_range=scale_range)
@@ -142,8 +154,8 @@ def test_zero_rows_and_extreme_scales(isa, m, int8):
         codes = ternary.pack_codes(trits)
         x = torch.randn(m, k)
         x[1] = 0  # an all-zero token
-        y = kernel(x, codes, scales, gs, None, int8, isa)
-        oracle = (int8_oracle if int8 else exact_oracle)(x, trits, scales, gs)
+        y = kernel(x, codes, scales, gs, None, acts, isa)
+        oracle = oracle_of(acts)(x, trits, scales, gs)
         assert torch.isfinite(y).all()
         assert rel_err(y, oracle) < 1e-5, scale_range
         assert torch.equal(y[1], torch.zeros(n)) and torch.equal(y[:, 3], torch.zeros(m))
@@ -161,7 +173,7 @@ def test_nan_and_inf_propagate_like_dense_matmul(isa, m, dtype):
     x[m - 1, 199] = float("-inf")
     x = x.to(dtype)
     dense = x.float() @ (trits.float() * scales.repeat_interleave(gs, dim=1)[:, :k]).T
-    y = kernel(x, codes, scales, gs, None, False, isa).float()
+    y = kernel(x, codes, scales, gs, None, "exact", isa).float()
     if dtype != torch.float32:
         dense = dense.to(dtype).float()
     assert torch.equal(torch.isnan(y), torch.isnan(dense))
@@ -183,20 +195,21 @@ def test_neon_int8_equals_the_scalar_twin_bit_for_bit(m, group_size):
         pytest.skip(f"no NEON path on this {platform.machine()} CPU (scripts/test-aarch64.sh runs them under qemu)")
     codes, scales, _ = random_packed(37, 1000, group_size, torch.bfloat16, seed=group_size)
     x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(m))
-    scalar = kernel(x, codes, scales, group_size, None, True, "scalar")
+    scalar = kernel(x, codes, scales, group_size, None, "int8", "scalar")
     for path in paths:
-        assert torch.equal(kernel(x, codes, scales, group_size, None, True, path), scalar), path
+        assert torch.equal(kernel(x, codes, scales, group_size, None, "int8", path), scalar), path
 
 
+@pytest.mark.parametrize("acts", ["int8", "int16"])
 @pytest.mark.parametrize("m", [3, 40])
-def test_int8_non_finite_token_gives_nan_outputs_like_the_reference(isa, m):
+def test_integer_modes_non_finite_token_gives_nan_outputs_like_the_reference(isa, m, acts):
     codes, scales, trits = random_packed(16, 200, 200, torch.float32)
     x = torch.randn(m, 200)
     x[0, 7] = float("inf")
     x[2, 9] = float("nan")
     x[1] = 0
-    y = kernel(x, codes, scales, 200, None, True, isa)
-    ref = reference.ternary_linear_reference(x, codes, scales, 200, None, True)
+    y = kernel(x, codes, scales, 200, None, acts, isa)
+    ref = reference.ternary_linear_reference(x, codes, scales, 200, None, acts)
     assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all()
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     assert torch.equal(y[1], torch.zeros(16))
@@ -209,23 +222,66 @@ def test_int8_rounding_ties_and_clamp_match_the_reference(isa):
     k = 256
     x = torch.tensor([127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5] * (k // 8)).view(1, k)
     codes, scales, trits = random_packed(9, k, 64, torch.float32)
-    y = kernel(x, codes, scales, 64, None, True, isa)
+    y = kernel(x, codes, scales, 64, None, "int8", isa)
     torch.testing.assert_close(y.to(torch.float64), int8_oracle(x, trits, scales, 64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_int16_split_bytes_ties_and_clamp_match_the_oracle(isa, group_size):
+    """int16 mode splits each integer v into 256 * hi + lo: values at the split's edges (lo = -128
+    and 127, hi = -128 and 127, the clamp at +-32639), .5 ties and every sign must come back exact."""
+    k = 512
+    qmax = reference.INT16_MAX
+    edges = [qmax, -qmax, 127.0, -128.0, 128.0, -129.0, 255.0, -256.0, 32512.0, -32640.0 + 1, 0.5, 2.5, -2.5,
+             32638.5, -32638.5, 1.0]
+    x = torch.tensor((edges * (k // len(edges) + 1))[:k]).view(1, k)
+    x = torch.cat([x, x.flip(1) * 0.25, torch.randn(3, k) * 1e3])
+    codes, scales, trits = random_packed(40, k, group_size, torch.float32, seed=group_size)
+    y = kernel(x, codes, scales, group_size, None, "int16", isa)
+    # Integer sums per group are exact; the groups' float sum rounds (one part in 2^24 per group).
+    assert rel_err(y, integer_oracle(x, trits, scales, group_size, None, "int16")) < 1e-6
+
+
+def test_int16_is_closer_to_exact_than_int8(isa):
+    """The point of int16 mode: integer kernels at about the precision of the float activations."""
+    codes, scales, trits = random_packed(64, 1024, 1024, torch.bfloat16)
+    x = torch.randn(6, 1024)
+    x[:, 7] *= 50  # an outlier feature, as real activations have
+    exact = exact_oracle(x, trits, scales, 1024)
+    err = {acts: rel_err(kernel(x, codes, scales, 1024, None, acts, isa), exact) for acts in ("int8", "int16")}
+    # Steps of max|x| / 32639 against max|x| / 127: about 257x less error (measured 232x).
+    assert err["int16"] * 100 < err["int8"], err
+
+
+def test_int16_refuses_k_past_its_exact_range():
+    k = 65536 + 128
+    codes = torch.full((1, k // 128 * 32), 0x55, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="int16 activations take K <= 65536"):
+        kernel(torch.randn(1, k), codes, torch.ones(1, 1), k, None, "int16")
+    assert kernel(torch.randn(1, k), codes, torch.ones(1, 1), k, None, "exact").shape == (1, 1)
+
+
+def test_unknown_activation_mode_is_refused_by_name():
+    codes, scales, _ = random_packed(4, 128, 128, torch.float32)
+    with pytest.raises(ValueError, match="activations must be one of exact, int8, int16, got 'int4'"):
+        kernel(torch.randn(1, 128), codes, scales, 128, None, "int4")
+    with pytest.raises(ValueError, match="activations must be one of exact, int8, int16, got 'int4'"):
+        reference.ternary_linear_reference(torch.randn(1, 128), codes, scales, 128, None, "int4")
 
 
 def test_leading_dims_one_d_input_and_bias(isa):
     codes, scales, trits = random_packed(12, 40, 40, torch.float32)
     x = torch.randn(2, 3, 40)
     bias = torch.randn(12)
-    y = kernel(x, codes, scales, 40, bias, False, isa)
+    y = kernel(x, codes, scales, 40, bias, "exact", isa)
     expected = exact_oracle(x.reshape(6, 40), trits, scales, 40, bias).reshape(2, 3, 12)
     torch.testing.assert_close(y.to(torch.float64), expected, rtol=1e-5, atol=1e-5)
-    y1 = kernel(x[0, 0], codes, scales, 40, bias, True, isa)
+    y1 = kernel(x[0, 0], codes, scales, 40, bias, "int8", isa)
     assert y1.shape == (12,)
     # non-contiguous x
     xt = torch.randn(40, 5).t()
     torch.testing.assert_close(
-        kernel(xt, codes, scales, 40, None, False, isa).to(torch.float64),
+        kernel(xt, codes, scales, 40, None, "exact", isa).to(torch.float64),
         exact_oracle(xt, trits, scales, 40),
         rtol=1e-5,
         atol=1e-5,
@@ -240,10 +296,10 @@ def test_errors_match_the_reference_messages():
     with pytest.raises(ValueError, match="K=200"):
         kernel(torch.randn(2, 200), codes, scales, 32)
     with pytest.raises(ValueError, match="unknown isa"):
-        kernel(x, codes, scales, 32, None, False, "sve2")
+        kernel(x, codes, scales, 32, None, "exact", "sve2")
     other = "avx2" if platform.machine() in ("aarch64", "arm64") else "neon"
     with pytest.raises(ValueError, match=f"isa '{other}' is not supported by this CPU"):
-        kernel(x, codes, scales, 32, None, False, other)
+        kernel(x, codes, scales, 32, None, "exact", other)
 
 
 def test_isa_helpers():
@@ -289,7 +345,7 @@ def test_bf16_activations_are_exact_up_to_the_output_rounding(isa, case, scale_d
         pytest.skip("too slow for the scalar path; smaller cases cover it")
     codes, scales, trits = random_packed(n, k, gs, scale_dtype, seed=k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16)
-    y = kernel(x, codes, scales, gs, None, False, isa)
+    y = kernel(x, codes, scales, gs, None, "exact", isa)
     assert y.dtype == torch.bfloat16
     expected = exact_oracle(x, trits, scales, gs)
     abs_dot = x.abs().to(torch.float64) @ dense64(trits, scales, gs).abs().T

@@ -1,10 +1,10 @@
 """Property sweeps of the ternary kernel over hostile inputs, on every ISA path this CPU runs.
 
 Random shapes (M, K, N from 1, odd, off every block grid), every granularity, scale magnitudes
-from subnormal to 1e30, activations with zeros, all-zero tokens, +-inf and NaN; exact and int8
-modes. Oracles are independent: float64 matmul on the dense weight for exact mode (non-finite
-outputs must sit where the dense fp32 layer puts them, with its sign), integer dot products of the
-reference's int8 quantization for int8 mode. A few dozen cases per test and path in the default
+from subnormal to 1e30, activations with zeros, all-zero tokens, +-inf and NaN; exact, int8 and
+int16 modes. Oracles are independent: float64 matmul on the dense weight for exact mode
+(non-finite outputs must sit where the dense fp32 layer puts them, with its sign), integer dot
+products of the reference's quantization for the integer modes. A few dozen cases per test and path in the default
 run; `pytest --hypothesis-profile=long` runs 1000. Failing cases found by these sweeps are kept
 below as explicit regression tests.
 """
@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.test_cpu_kernel import int8_oracle, isa  # noqa: F401  (isa: fixture over every path)
+from tests.test_cpu_kernel import integer_oracle, isa  # noqa: F401  (isa: fixture over every path)
 from vllm_bitcpm import ternary
 from vllm_bitcpm.ops import cpu as cpu_kernel
 from vllm_bitcpm.ops import reference
@@ -72,13 +72,13 @@ def make(case):
     return x, ternary.pack_codes(trits), scales, group_size, dense, trits
 
 
-def run(x, codes, scales, group_size, int8, isa_name):  # noqa: F811
-    return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, None, int8, isa_name)
+def run(x, codes, scales, group_size, acts, isa_name):  # noqa: F811
+    return torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, None, acts, isa_name)
 
 
 def check_exact_case(case, isa_name):
     x, codes, scales, gs, dense, _ = make(case)
-    y = run(x, codes, scales, gs, False, isa_name).float()
+    y = run(x, codes, scales, gs, "exact", isa_name).float()
     ref32 = x.float() @ dense.T  # the dense fp32 layer: where its non-finite outputs are
     if x.dtype != torch.float32:
         ref32 = ref32.to(x.dtype).float()
@@ -100,15 +100,15 @@ def check_exact_case(case, isa_name):
     assert bool((err[finite] <= bound[finite]).all()), f"error over the fp32 bound ({case})"
 
 
-def check_int8_case(case, isa_name):
+def check_integer_case(case, isa_name, acts):
     x, codes, scales, gs, dense, trits = make(case)
-    x = x.float()  # int8 mode quantizes from float32 either way; the reference's rounding is fp32
-    y = run(x, codes, scales, gs, True, isa_name).to(torch.float64)
-    expected = int8_oracle(x, trits, scales, gs)
+    x = x.float()  # the integer modes quantize from float32 either way; the reference's rounding is fp32
+    y = run(x, codes, scales, gs, acts, isa_name).to(torch.float64)
+    expected = integer_oracle(x, trits, scales, gs, None, acts)
     nan_rows = ~torch.isfinite(x).all(dim=1)
     assert bool(torch.isnan(y[nan_rows]).all()), f"a non-finite token must give NaN outputs ({case})"
     ok = ~nan_rows
-    q, inv = reference.quantize_activations_int8(x)
+    q, inv = reference.quantize_activations(x, reference.QMAX[acts])
     w64 = dense.to(torch.float64)
     abs_sum = (q.abs().to(torch.float64) @ w64.abs().T) / inv.to(torch.float64)
     groups = math.ceil(x.shape[1] / gs)
@@ -117,7 +117,7 @@ def check_int8_case(case, isa_name):
     # groups and the division by the token's scale round in fp32: (groups + 4) roundings of at most
     # sum |terms|, plus subnormal steps.
     bound = (groups + 4) * 2.0**-24 * abs_sum[ok] + (groups + 4) * 2.0**-149
-    assert bool((err <= bound).all()), f"int8 result off the integer oracle ({case})"
+    assert bool((err <= bound).all()), f"{acts} result off the integer oracle ({case})"
 
 
 PROPERTY = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -133,4 +133,10 @@ def test_exact_mode_hostile_inputs(isa, case):  # noqa: F811
 @PROPERTY
 @given(case=cases())
 def test_int8_mode_hostile_inputs(isa, case):  # noqa: F811
-    check_int8_case(case, isa)
+    check_integer_case(case, isa, "int8")
+
+
+@PROPERTY
+@given(case=cases())
+def test_int16_mode_hostile_inputs(isa, case):  # noqa: F811
+    check_integer_case(case, isa, "int16")

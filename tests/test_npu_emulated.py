@@ -203,7 +203,7 @@ def test_prepared_weights_match_reference_op(emulated_npu, fmt, granularity, dty
     bias = torch.randn(n).to(dtype)
     y = npu.weight_quant_linear(prepared, x, bias, int8_activations)
     expected = reference.ternary_linear_reference(
-        x, packed.codes, packed.scales, packed.group_size, bias, int8_activations
+        x, packed.codes, packed.scales, packed.group_size, bias, "int8" if int8_activations else "exact"
     )
     assert y.shape == (3, 2, n) and y.dtype == dtype
     torch.testing.assert_close(y, expected, **TOL[dtype])

@@ -124,7 +124,7 @@ def test_int8_activation_mode_matches_an_integer_oracle():
     codes, scales, trits = random_packed(24, 200, 64, torch.float32)
     x = torch.randn(5, 200, generator=torch.Generator().manual_seed(3))
     x[2] = 0  # an all-zero token gives zeros
-    y = ops.ternary_linear(x, codes, scales, 64, None, True)
+    y = ops.ternary_linear(x, codes, scales, 64, None, "int8")
     x64 = x.to(torch.float64)
     absmax = x64.abs().amax(dim=1, keepdim=True)
     inv = torch.where(absmax > 0, 127 / absmax, torch.ones_like(absmax))

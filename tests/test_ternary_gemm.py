@@ -49,7 +49,7 @@ def layer(n: int, k: int, granularity, scale_dtype=torch.bfloat16, seed: int = 0
 
 
 def check_exact(x: torch.Tensor, codes, scales, group_size, w64: torch.Tensor, isa_name: str) -> None:
-    y = torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, None, False, isa_name)
+    y = torch.ops.bitcpm_cpu.ternary_linear_isa(x, codes, scales, group_size, None, "exact", isa_name)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w64.shape[0])
     x64 = x.to(torch.float64)
     expected = x64 @ w64.T

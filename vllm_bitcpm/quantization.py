@@ -39,11 +39,41 @@ QUANT_METHOD = "bitcpm"
 _MIB = 1024 * 1024
 
 #: How ternary layers treat activations: "exact" (float activations, results equal to the
-#: dense layer up to summation order) or "int8" (per-token absmax int8, bitnet.cpp's I2_S
-#: math: faster kernels, small accuracy cost). Read once per engine, in every worker.
+#: dense layer up to summation order), "int8" (per-token absmax int8, bitnet.cpp's I2_S math:
+#: fastest kernels, a measured accuracy cost) or "int16" (per-token absmax int16: integer
+#: kernels at about exact mode's accuracy; x86 CPU kernel only). Read once per engine, in every
+#: worker.
 ACTIVATIONS_ENV = "VLLM_BITCPM_ACTIVATIONS"
-ACTIVATION_MODES = ("exact", "int8")
+ACTIVATION_MODES = reference_op.ACTIVATIONS
 DEFAULT_ACTIVATIONS = "exact"
+
+
+def activations_scope(mode: str) -> str:
+    """Where an activation mode runs, for the load log."""
+    if mode == "int16":
+        return "int16 runs in the plugin's x86 CPU kernel and its reference"
+    return f"{mode} runs in the plugin's kernels (native backend) and its reference"
+
+
+def layer_activations(mode: str, choice: backends.Choice) -> str:
+    """The activation mode one layer runs: the configured one where its backend has it, else exact.
+
+    int8 runs in every native kernel (CPU, NPU) and the reference; int16 in the x86 CPU kernel
+    (its AVX2 routine, also on AVX512 CPUs; the scalar twin when capped to it) and the reference,
+    not on NEON (no int16 kernel there yet) nor the NPU (16-bit integers are not exact in its
+    fp16/bf16 matmul). vLLM's int4 kernels and dense layers take float activations only.
+    """
+    if mode == "exact" or choice.backend == "reference":
+        return mode
+    if choice.backend != "native":
+        return "exact"
+    if mode == "int16" and choice.kernel not in X86_CPU_KERNELS:
+        return "exact"
+    return mode
+
+
+#: native_kernel() names of the x86 CPU kernel's paths (int16 activations run there).
+X86_CPU_KERNELS = tuple(f"cpu {isa}" for isa in ("avx512bf16", "avx512", "avx2", "scalar"))
 
 
 def activation_mode(configured: str | None = None) -> str:
@@ -392,8 +422,10 @@ class TernaryLinearMethod(LinearMethodBase):
         key = f"{choice.backend} {choice.kernel}" if choice.backend != "dense" else "dense (as stock vLLM)"
         report.kernels[key] = report.kernels.get(key, 0) + 1
         report.kernel_reasons[key] = choice.reason
-        if self.quant_config.activations == "int8" and choice.backend in ("int4", "dense"):
-            report.kernel_reasons[key] += f"; {ACTIVATIONS_ENV}=int8 is a native-kernel option, not applied here"
+        layer.bitcpm_activations = layer_activations(self.quant_config.activations, choice)
+        if layer.bitcpm_activations != self.quant_config.activations:
+            report.kernel_reasons[key] += (f"; {ACTIVATIONS_ENV}={self.quant_config.activations} is not applied here "
+                                           f"({activations_scope(self.quant_config.activations)})")
         layer.bitcpm_backend = choice.backend
         if choice.backend == "dense":
             self._install_dense(layer, packed)
@@ -452,13 +484,14 @@ class TernaryLinearMethod(LinearMethodBase):
             return self.dense.apply(layer, x, bias)
         if backend == "int4":
             return layer.bitcpm_int4_kernel.apply_weights(layer, x, bias)
-        int8 = self.quant_config.activations == "int8"
+        activations = layer.bitcpm_activations
         if backend == "reference":
             return reference_op.ternary_linear_reference(x, layer.weight_codes, layer.weight_scales,
-                                                          layer.bitcpm_group_size, bias, int8)
+                                                          layer.bitcpm_group_size, bias, activations)
         npu_weights = getattr(layer, "bitcpm_npu", None)  # set only on NPU, torch_npu kernel
         if npu_weights is not None:
             from vllm_bitcpm.ops import npu
 
-            return npu.weight_quant_linear(npu_weights, x, bias, int8)
-        return ops.ternary_linear(x, layer.weight_codes, layer.weight_scales, layer.bitcpm_group_size, bias, int8)
+            return npu.weight_quant_linear(npu_weights, x, bias, activations == "int8")
+        return ops.ternary_linear(x, layer.weight_codes, layer.weight_scales, layer.bitcpm_group_size, bias,
+                                  activations)

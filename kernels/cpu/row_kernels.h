@@ -13,6 +13,7 @@ namespace bitcpm_cpu {
 
 // ---- scalar twin (rows_scalar.cpp): natural-order x (c.x) and q, any group size.
 void exact_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sbuf);
+// int8 and int16 modes (c.qlo set in int16 mode).
 void int8_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sbuf);
 // Rows [n0, n1) dequantized to t * s (fp32, natural order) at out + (n - n0) * ld.
 void dequant_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf);
@@ -23,6 +24,7 @@ void permute_x(const Ctx& c, float* xp);
 // AVX2 + FMA (rows_avx2.cpp). whole_row: G == 1 (per-row or per-tensor scales).
 RowFn avx2_exact_rows(int mb, bool whole_row);
 RowFn avx2_int8_rows(int mb);  // any group size >= 32; reads c.q, c.qsum / c.qlane, c.inv
+RowFn avx2_int16_rows(int mb);  // the same with c.qlo (int16 mode; AVX512 CPUs run it too)
 // Rows dequantized in the permuted order (the ternary GEMM's decoder).
 void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf);
 // AVX512 F/BW/VL (rows_avx512.cpp); int8 needs VNNI and G == 1 or group_size >= 64. Dequant: the

@@ -12,6 +12,9 @@
 //   int8 mode: codes as unsigned bytes (t+1) by `vpsrlw` + `vpand`, `vpmaddubsw(codes, q)` then
 //     `vpmaddwd(., 1)` into int32 lanes; sum(q) per group (or per lane, c.qlane) subtracted
 //     before any float conversion, so each group's dot product is exact.
+//   int16 mode: the int8 routine with a second `vpmaddubsw` per 32 weights and token on the low
+//     bytes of the integers, `vpmaddwd(high, 256) + vpmaddwd(low, 1)`: the same decode, twice
+//     the multiply-adds, still exact integer sums.
 //
 // Compiled for the baseline ISA: the SIMD functions carry __attribute__((target("avx2,fma"))) and
 // run only after cpu_has_avx2() (cpu_features.h); off x86 the entry points are stand-ins.
@@ -122,15 +125,37 @@ __attribute__((target("avx2,fma"))) inline __m256i qlane8(const int32_t* ql) {
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 8)));
 }
 
+// Sum of 8 int32 lanes in int64 (int16 mode: a whole row's lanes can pass 2^31 together).
+__attribute__((target("avx2,fma"))) inline int64_t hsum256_epi32_i64(__m256i v) {
+  const __m256i w = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  alignas(32) int64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
+  return t[0] + t[1] + t[2] + t[3];
+}
+
 // int8: codes of chunk s (32 consecutive elements) as unsigned bytes.
 #define BITCPM_C_AVX2(d, s, m3) _mm256_and_si256((s) == 0 ? (d) : _mm256_srli_epi16((d), 2 * (s)), (m3))
 
-template <int MB>
+// The int32 lanes of dot(codes, v) for one token from vpmaddubsw's int16 pair sums: int8 mode
+// a = codes . q; int16 mode also b = codes . qlo, and v = 256 * q + qlo, so 256 * a + b.
+template <bool Int16>
+__attribute__((target("avx2,fma"))) inline __m256i widen_dot(__m256i a, __m256i b, __m256i ones, __m256i k256) {
+  if (!Int16) return _mm256_madd_epi16(a, ones);
+  return _mm256_add_epi32(_mm256_madd_epi16(a, k256), _mm256_madd_epi16(b, ones));
+}
+
+// int8 and int16 modes. Int16: the same decoded codes meet both bytes of each integer (two
+// vpmaddubsw per 32 weights and token instead of one), so the decode is shared and the sums stay
+// exact integers.
+template <int MB, bool Int16>
 __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
                                                          float* sbuf) {
   const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i k256 = _mm256_set1_epi16(256);
   const int8_t* qb = c.q + m0 * c.Kp;
+  const int8_t* lb = Int16 ? c.qlo + m0 * c.Kp : nullptr;
   // Groups made of whole blocks (G == 1, or group_size a multiple of 128): integer accumulation
   // over the group; group_size 32/64: flush to float per chunk / pair of chunks.
   const bool block_groups = (c.G == 1) || (c.gs % kBlockWeights == 0);
@@ -143,7 +168,7 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
       __m256 accf[MB];
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
-      int32_t dots[MB];
+      int64_t dots[MB];
       for (int64_t g0 = 0, g = 0; g0 < c.nblk; g0 += bpg, ++g) {
         const int64_t g1 = std::min(c.nblk, g0 + bpg);
         __m256i acc[MB];
@@ -153,20 +178,29 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
           const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
           const __m256i c0 = BITCPM_C_AVX2(d, 0, m3), c1 = BITCPM_C_AVX2(d, 1, m3);
           const __m256i c2 = BITCPM_C_AVX2(d, 2, m3), c3 = BITCPM_C_AVX2(d, 3, m3);
-          const int8_t* qk = qb + blk * kBlockWeights;
+          const int64_t off = blk * kBlockWeights;
 #pragma GCC unroll 8
           for (int m = 0; m < MB; ++m) {
-            const __m256i* qm = reinterpret_cast<const __m256i*>(qk + m * c.Kp);
-            __m256i a = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qm));
+            const __m256i* qm = reinterpret_cast<const __m256i*>(qb + off + m * c.Kp);
+            __m256i a = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qm));  // |lane| <= 4*512 after 4
             a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qm + 1)));
             a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qm + 2)));
             a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qm + 3)));
-            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(a, ones));  // |lane| <= 4*508
+            __m256i b = a;
+            if (Int16) {
+              const __m256i* lm = reinterpret_cast<const __m256i*>(lb + off + m * c.Kp);
+              b = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(lm));
+              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(lm + 1)));
+              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(lm + 2)));
+              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(lm + 3)));
+            }
+            acc[m] = _mm256_add_epi32(acc[m], widen_dot<Int16>(a, b, ones, k256));
           }
         }
         if (c.G == 1) {
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) dots[m] = hsum256_epi32(acc[m]) - c.qsum[(m0 + m) * c.G];
+          for (int m = 0; m < MB; ++m)
+            dots[m] = (Int16 ? hsum256_epi32_i64(acc[m]) : hsum256_epi32(acc[m])) - c.qsum[(m0 + m) * c.G];
         } else {
           const int64_t gg = std::min(g, c.G - 1);
           const __m256 sv = _mm256_set1_ps(sbuf[gg]);
@@ -192,33 +226,29 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
       for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
       for (int64_t blk = 0; blk < c.nblk; ++blk) {
         const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
-        const int8_t* qk = qb + blk * kBlockWeights;
+        const int64_t off = blk * kBlockWeights;
         for (int s = 0; s < 4; s += cpg) {
           // Chunks wholly past K hold codes 1 and q 0: skip them (their group index would be
           // clamped onto the last group, whose lane sums must be subtracted only once).
-          if (blk * kBlockWeights + 32 * s >= c.K) break;
-          const int64_t gg = group_of(c, blk * kBlockWeights + 32 * s);
+          if (off + 32 * s >= c.K) break;
+          const int64_t gg = group_of(c, off + 32 * s);
           const __m256 sv = _mm256_set1_ps(sbuf[gg]);
           const int32_t* qlg = c.qlane + (m0 * c.G + gg) * 16;
-          if (cpg == 1) {
-            const __m256i cc = BITCPM_C_AVX2(d, s, m3);
+          const __m256i ca = BITCPM_C_AVX2(d, s, m3);
+          const __m256i cb = cpg == 1 ? ca : BITCPM_C_AVX2(d, s + 1, m3);
 #pragma GCC unroll 8
-            for (int m = 0; m < MB; ++m) {
-              const __m256i a = _mm256_maddubs_epi16(cc, _mm256_loadu_si256(
-                                                             reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s)));
-              const __m256i exact = _mm256_sub_epi32(_mm256_madd_epi16(a, ones), qlane8(qlg + m * c.G * 16));
-              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i* qm = reinterpret_cast<const __m256i*>(qb + off + m * c.Kp + 32 * s);
+            __m256i a = _mm256_maddubs_epi16(ca, _mm256_loadu_si256(qm));
+            if (cpg == 2) a = _mm256_add_epi16(a, _mm256_maddubs_epi16(cb, _mm256_loadu_si256(qm + 1)));
+            __m256i b = a;
+            if (Int16) {
+              const __m256i* lm = reinterpret_cast<const __m256i*>(lb + off + m * c.Kp + 32 * s);
+              b = _mm256_maddubs_epi16(ca, _mm256_loadu_si256(lm));
+              if (cpg == 2) b = _mm256_add_epi16(b, _mm256_maddubs_epi16(cb, _mm256_loadu_si256(lm + 1)));
             }
-          } else {
-            const __m256i ca = BITCPM_C_AVX2(d, s, m3), cb = BITCPM_C_AVX2(d, s + 1, m3);
-#pragma GCC unroll 8
-            for (int m = 0; m < MB; ++m) {
-              const __m256i* qm = reinterpret_cast<const __m256i*>(qk + m * c.Kp + 32 * s);
-              __m256i a = _mm256_maddubs_epi16(ca, _mm256_loadu_si256(qm));
-              a = _mm256_add_epi16(a, _mm256_maddubs_epi16(cb, _mm256_loadu_si256(qm + 1)));
-              const __m256i exact = _mm256_sub_epi32(_mm256_madd_epi16(a, ones), qlane8(qlg + m * c.G * 16));
-              accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
-            }
+            const __m256i exact = _mm256_sub_epi32(widen_dot<Int16>(a, b, ones, k256), qlane8(qlg + m * c.G * 16));
+            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
           }
         }
       }
@@ -232,7 +262,8 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
 
 template <int MB> struct ExactAvx2 { static constexpr RowFn fn = &exact_rows_avx2_t<MB, false>; };
 template <int MB> struct ExactAvx2WholeRow { static constexpr RowFn fn = &exact_rows_avx2_t<MB, true>; };
-template <int MB> struct Int8Avx2 { static constexpr RowFn fn = &int8_rows_avx2_t<MB>; };
+template <int MB> struct Int8Avx2 { static constexpr RowFn fn = &int8_rows_avx2_t<MB, false>; };
+template <int MB> struct Int16Avx2 { static constexpr RowFn fn = &int8_rows_avx2_t<MB, true>; };
 
 }  // namespace
 
@@ -241,6 +272,8 @@ RowFn avx2_exact_rows(int mb, bool whole_row) {
 }
 
 RowFn avx2_int8_rows(int mb) { return pick_tokens<Int8Avx2>(mb); }
+
+RowFn avx2_int16_rows(int mb) { return pick_tokens<Int16Avx2>(mb); }
 
 __attribute__((target("avx2,fma"))) void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out,
                                                           int64_t ld, float* sbuf) {
@@ -271,6 +304,7 @@ __attribute__((target("avx2,fma"))) void dequant_rows_avx2(const Ctx& c, int64_t
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
 RowFn avx2_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("avx2_exact_rows"); }
 RowFn avx2_int8_rows(int) { BITCPM_NO_SIMD_PATH("avx2_int8_rows"); }
+RowFn avx2_int16_rows(int) { BITCPM_NO_SIMD_PATH("avx2_int16_rows"); }
 void dequant_rows_avx2(const Ctx&, int64_t, int64_t, float*, int64_t, float*) {
   BITCPM_NO_SIMD_PATH("dequant_rows_avx2");
 }

@@ -45,18 +45,23 @@ void dequant_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, float* out, int64
   }
 }
 
+// int8 and int16 modes: each group's integer dot product exactly, then scaled in float.
 void int8_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sbuf) {
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* qr = c.q + m * c.Kp;
+      const int8_t* lr = c.qlo ? c.qlo + m * c.Kp : nullptr;
       float acc = 0.f;
       int64_t k = 0;
       for (int64_t g = 0; g < c.G; ++g) {
         const int64_t kend = (c.G == 1) ? c.K : std::min(c.K, (g + 1) * c.gs);
         int32_t d = 0;
-        for (; k < kend; ++k) d += static_cast<int32_t>(qr[k]) * (code_at(row, k) - 1);
+        for (; k < kend; ++k) {
+          const int32_t v = lr ? 256 * static_cast<int32_t>(qr[k]) + lr[k] : qr[k];
+          d += v * (code_at(row, k) - 1);
+        }
         acc += sbuf[g] * static_cast<float>(d);
       }
       c.y[m * c.N + n] = acc / c.inv[m];

@@ -14,7 +14,7 @@
 //     rows_avx512.cpp      the same on 16 lanes; int8 with VNNI `vpdpbusd`
 //     rows_avx512bf16.cpp  bf16 x: `vpermw` decode, `vdpbf16ps`
 //     rows_neon.cpp        aarch64: `tbl` decode, `fmla`; int8 `sdot` / `smull`
-//   int8_quantize.{h,cpp}  per-token int8 activations (int8 mode), scalar twin and AVX2
+//   int8_quantize.{h,cpp}  per-token int8 / int16 activations, scalar twin and AVX2
 //   ternary_gemm.{h,cpp}   exact mode for several tokens: tiles decoded once, PyTorch's brgemm
 //   lm_head_gemv.cpp       the lm_head's decode kernels (bf16 and int8 head), a separate op
 //
@@ -27,6 +27,8 @@
 //   exact mode, bf16 activations on AVX512-BF16 CPUs: the bf16 row kernels for decode; prefill
 //     dequantizes rows straight to bf16 for at::mm.
 //   int8 mode: x quantized once per call (int8_quantize.cpp), then the int8 row kernels.
+//   int16 mode: x quantized to int16 split in two int8 planes, then the x86 int8 row kernels'
+//     int16 twin (AVX2, also on AVX512 CPUs); the scalar twin elsewhere (NEON has no int16 kernel).
 //   aarch64: the NEON row kernels; prefill (M >= kGemmMinM) by fp32 tiles for at::mm.
 //
 // Everything is compiled for the baseline ISA (no -mavx2): SIMD code lives in functions marked
@@ -71,9 +73,48 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 // Drivers
 
 // Token tile per ISA / mode (accumulator registers: 16 ymm on AVX2, 32 zmm on AVX512).
-int token_tile(Isa isa, bool int8) {
-  return isa >= Isa::kAvx512 || !int8 ? kMaxTokenTile : 4;
+int token_tile(Isa isa, bool integer_mode) {
+  return isa >= Isa::kAvx512 || !integer_mode ? kMaxTokenTile : 4;
 }
+
+Activations parse_activations(c10::string_view name) {
+  if (name == "exact") return Activations::kExact;
+  if (name == "int8") return Activations::kInt8;
+  if (name == "int16") return Activations::kInt16;
+  TORCH_CHECK_VALUE(false, "ternary_linear: activations must be one of exact, int8, int16, got '", std::string(name), "'");
+  return Activations::kExact;  // not reached
+}
+
+// The integer modes' activations for every token: q (and qlo in int16 mode), per-group sums,
+// inv, and on x86 SIMD paths with groups the per-lane sums. Owns the buffers c points into.
+struct QuantizedActivations {
+  at::Tensor q, qlo, qsum, inv, qlane;
+  QuantizedActivations(Ctx& c, const at::Tensor& x, Activations act, bool simd) {
+    q = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
+    if (act == Activations::kInt16) qlo = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
+    qsum = at::empty({c.M, c.G}, x.options().dtype(at::kInt));
+    inv = at::empty({c.M}, x.options().dtype(at::kFloat));
+    c.q = q.data_ptr<int8_t>();
+    c.qlo = qlo.defined() ? qlo.data_ptr<int8_t>() : nullptr;
+    c.qsum = qsum.data_ptr<int32_t>();
+    c.inv = inv.data_ptr<float>();
+    if (simd && c.G > 1) {
+      qlane = at::empty({c.M, c.G, 16}, x.options().dtype(at::kInt));
+      c.qlane = qlane.data_ptr<int32_t>();
+    }
+    at::parallel_for(0, c.M, 16, [&](int64_t a, int64_t b) {
+      for (int64_t m = a; m < b; ++m) {
+        int8_t* qr = q.data_ptr<int8_t>() + m * c.Kp;
+        int8_t* lr = c.qlo ? const_cast<int8_t*>(c.qlo) + m * c.Kp : nullptr;
+        int32_t* qs = qsum.data_ptr<int32_t>() + m * c.G;
+        float* iv = inv.data_ptr<float>() + m;
+        if (simd) quantize_row_avx2(c, c.x + m * c.K, qr, lr, qs, iv);
+        else quantize_row_scalar(c, c.x + m * c.K, qr, lr, qs, iv);
+        if (c.qlane) lane_qsums_avx2(c, qr, lr, const_cast<int32_t*>(c.qlane) + m * c.G * 16);
+      }
+    });
+  }
+};
 
 // Rows [0, N) split across threads; inside a thread, tiles of kRowTile rows, and for each tile
 // every token tile, so one tile's codes are read from memory once and reused from cache.
@@ -97,8 +138,8 @@ void run_rows(const Ctx& c, int mb, Fn&& tile_fn) {
 // pass over x, small beside the rows). Exact mode, prefill (M >= kGemmMinM): fp32 tiles of rows
 // dequantized for at::mm, as the scalar path does (PyTorch's brgemm ukernel, which the x86
 // paths use from kFusedGemmMinM tokens, is x86 only); below it the NEON decode loops.
-void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, bool int8_activations, Isa isa) {
-  if (!int8_activations) {
+void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, Activations act, Isa isa) {
+  if (act == Activations::kExact) {
     const at::Tensor xp = at::constant_pad_nd(x, {0, c.Kp - c.K}).contiguous();
     c.xp = xp.data_ptr<float>();
     if (c.M < kGemmMinM) {
@@ -121,17 +162,13 @@ void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, bool int8_activation
     }
     return;
   }
-  at::Tensor q = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
-  at::Tensor qsum = at::empty({c.M, c.G}, x.options().dtype(at::kInt));
-  at::Tensor inv = at::empty({c.M}, x.options());
-  c.q = q.data_ptr<int8_t>();
-  c.qsum = qsum.data_ptr<int32_t>();
-  c.inv = inv.data_ptr<float>();
-  at::parallel_for(0, c.M, 16, [&](int64_t a, int64_t b) {
-    for (int64_t m = a; m < b; ++m)
-      quantize_row_scalar(c, c.x + m * c.K, q.data_ptr<int8_t>() + m * c.Kp, qsum.data_ptr<int32_t>() + m * c.G,
-                          inv.data_ptr<float>() + m);
-  });
+  const QuantizedActivations qa(c, x, act, /*simd=*/false);
+  if (act == Activations::kInt16) {  // no NEON int16 kernel: the scalar twin (the plugin does not pick it)
+    run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+      int8_rows_scalar(c, a, b, m0, m0 + mb, s);
+    });
+    return;
+  }
   const bool dotprod = isa == Isa::kNeonDotprod;
   run_rows(c, kMaxTokenTile, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
     neon_int8_rows(static_cast<int>(mb), dotprod)(c, a, b, m0, s);
@@ -139,7 +176,7 @@ void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, bool int8_activation
 }
 
 at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
-                               int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations,
+                               int64_t group_size, const c10::optional<at::Tensor>& bias, Activations act,
                                Isa isa) {
   // Same checks and messages as vllm_bitcpm.ops.reference.check_operands (raised as ValueError).
   TORCH_CHECK_VALUE(x_in.dim() >= 1, "ternary_linear: x must have at least one dimension (..., K)");
@@ -163,6 +200,8 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
   const auto st = scales_in.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
                     "ternary_linear: scales must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(act != Activations::kInt16 || K <= kInt16MaxK, "ternary_linear: int16 activations take K <= ",
+                    kInt16MaxK, " (exact int32 sums), got K=", K);
   const auto xt = x_in.scalar_type();
   TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
                     "ternary_linear: x must be float32, bfloat16 or float16, got ", xt);
@@ -187,7 +226,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       // bf16 activations, exact mode, AVX512-BF16: decode sizes with whole-row or >= 128-wide
       // groups run the vdpbf16ps kernel; prefill with bf16 scales dequantizes straight to bf16.
       // Both read x as it is (no float copy).
-      const bool bf16_isa = isa == Isa::kAvx512Bf16 && !int8_activations && xt == at::kBFloat16 && gs_ok;
+      const bool bf16_isa = isa == Isa::kAvx512Bf16 && act == Activations::kExact && xt == at::kBFloat16 && gs_ok;
       const bool bf16_decode = bf16_isa && Mrows < kGemmMinM && (G == 1 || group_size >= kBlockWeights);
       const bool bf16_prefill = bf16_isa && Mrows >= kGemmMinM && st == at::kBFloat16;
       const bool bf16_path = bf16_decode || bf16_prefill;
@@ -216,7 +255,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       if (!bf16_path) c.x = x.data_ptr<float>();
 
       if (is_neon(isa)) {
-        run_neon(c, x, y32, int8_activations, isa);
+        run_neon(c, x, y32, act, isa);
       } else if (bf16_path) {
         c.Kc = (nblk + 1) / 2 * kChunkWeights;
         at::Tensor xb = at::empty({Mrows, c.Kc}, x.options());
@@ -237,7 +276,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
             bf16_exact_rows(static_cast<int>(mb), G == 1)(c, a, b, m0, s);
           });
         }
-      } else if (!int8_activations) {
+      } else if (act == Activations::kExact) {
         at::Tensor xp;
         if (isa != Isa::kScalar) {
           xp = at::empty({Mrows, c.Kp}, x.options());
@@ -306,30 +345,15 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           decode_loops(c);
         }
       } else {
-        at::Tensor q = at::empty({Mrows, c.Kp}, x.options().dtype(at::kChar));
-        at::Tensor qsum = at::empty({Mrows, G}, x.options().dtype(at::kInt));
-        at::Tensor inv = at::empty({Mrows}, x.options());
-        c.q = q.data_ptr<int8_t>();
-        c.qsum = qsum.data_ptr<int32_t>();
-        c.inv = inv.data_ptr<float>();
-        at::Tensor qlane;
-        if (isa != Isa::kScalar && G > 1) {
-          qlane = at::empty({Mrows, G, 16}, x.options().dtype(at::kInt));
-          c.qlane = qlane.data_ptr<int32_t>();
-        }
-        at::parallel_for(0, Mrows, 16, [&](int64_t a, int64_t b) {
-          for (int64_t m = a; m < b; ++m) {
-            int8_t* qr = q.data_ptr<int8_t>() + m * c.Kp;
-            int32_t* qs = qsum.data_ptr<int32_t>() + m * G;
-            float* iv = inv.data_ptr<float>() + m;
-            if (isa == Isa::kScalar) quantize_row_scalar(c, c.x + m * K, qr, qs, iv);
-            else quantize_row_avx2(c, c.x + m * K, qr, qs, iv);
-            if (c.qlane) lane_qsums_avx2(c, qr, const_cast<int32_t*>(c.qlane) + m * G * 16);
-          }
-        });
+        const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar);
         if (isa == Isa::kScalar) {
           run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
             int8_rows_scalar(c, a, b, m0, m0 + mb, s);
+          });
+        } else if (act == Activations::kInt16) {
+          // One AVX2 routine for every x86 SIMD path (an AVX512 twin is not written yet).
+          run_rows(c, token_tile(Isa::kAvx2, true), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
+            avx2_int16_rows(static_cast<int>(mb))(c, a, b, m0, s);
           });
         } else {
           // AVX512 int8 needs VNNI (vpdpbusd) and whole 64-element halves per group; otherwise
@@ -351,14 +375,16 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
 }
 
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                              int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations) {
-  return ternary_linear_impl(x, codes, scales, group_size, bias, int8_activations, best_isa());
+                              int64_t group_size, const c10::optional<at::Tensor>& bias,
+                              c10::string_view activations) {
+  return ternary_linear_impl(x, codes, scales, group_size, bias, parse_activations(activations), best_isa());
 }
 
 at::Tensor ternary_linear_isa(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                              int64_t group_size, const c10::optional<at::Tensor>& bias, bool int8_activations,
-                              c10::string_view isa) {
-  return ternary_linear_impl(x, codes, scales, group_size, bias, int8_activations, parse_isa(std::string(isa)));
+                              int64_t group_size, const c10::optional<at::Tensor>& bias,
+                              c10::string_view activations, c10::string_view isa) {
+  return ternary_linear_impl(x, codes, scales, group_size, bias, parse_activations(activations),
+                             parse_isa(std::string(isa)));
 }
 
 std::vector<std::string> isa_available() {
@@ -386,7 +412,7 @@ TORCH_LIBRARY(bitcpm_cpu, m) {
   m.def("cpu_isa() -> str", &bitcpm_cpu::cpu_isa);
   m.def(
       "ternary_linear_isa(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None, "
-      "bool int8_activations=False, str isa='auto') -> Tensor");
+      "str activations='exact', str isa='auto') -> Tensor");
   m.impl("ternary_linear_isa", c10::DispatchKey::CPU, &bitcpm_cpu::ternary_linear_isa);
 }
 

@@ -33,12 +33,25 @@ struct Ctx {
   // exact mode, bf16 activations (AVX512-BF16 path)
   const uint16_t* xb;     // (M, Kc) bf16 bits, permuted into the bf16 decode order, zero padded
   int64_t Kc;             // nchunk * 256
-  // int8 mode
+  // int8 and int16 modes: per-token integers qv, x ~= qv / inv. int8: qv = q. int16: qv = 256 * q
+  // + qlo, two int8 planes (high and low bytes, qlo in [-128, 127]), so the x86 kernels multiply
+  // both with vpmaddubsw and reuse the int8 mode's decode.
   const int8_t* q;        // (M, Kp) natural order, zero padded
-  const int32_t* qsum;    // (M, G)
-  const int32_t* qlane;   // (M, G, 16): per-lane sums of q, the lane layout of the x86 SIMD dots
+  const int8_t* qlo;      // (M, Kp) int16 mode's low bytes; nullptr in int8 mode
+  const int32_t* qsum;    // (M, G) sums of qv
+  const int32_t* qlane;   // (M, G, 16): per-lane sums of qv, the lane layout of the x86 SIMD dots
   const float* inv;       // (M)
 };
+
+// Activation modes of the op (its `activations` argument: "exact", "int8", "int16").
+enum class Activations { kExact, kInt8, kInt16 };
+
+// int16 mode's largest |qv| (vllm_bitcpm.ops.reference.INT16_MAX): 127 * 256 + 127, the biggest
+// value whose high byte stays an int8 when lo is in [-128, 127].
+constexpr int32_t kInt16Max = 32639;
+// int16 mode: |dot(qv, t)| <= kInt16Max * K must fit int32, so K is capped (BitCPM's largest K is
+// 16384); the op refuses larger K in this mode.
+constexpr int64_t kInt16MaxK = 65536;
 
 // A row kernel: rows [n0, n1) of y for tokens [m0, m0 + its token count); sbuf holds G floats.
 using RowFn = void (*)(const Ctx&, int64_t n0, int64_t n1, int64_t m0, float* sbuf);

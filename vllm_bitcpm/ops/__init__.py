@@ -22,12 +22,14 @@ Kernels, by dispatch key:
 Schema::
 
     ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None,
-                   bool int8_activations=False) -> Tensor
+                   str activations="exact") -> Tensor
 
 ``x`` is (..., K) in float32/float16/bfloat16; ``codes`` uint8 (N, ceil(K/128)*32) and
 ``scales`` (N, ceil(K/group_size)) follow :mod:`vllm_bitcpm.ternary`'s packed layout version 1.
-``int8_activations`` selects W1.58A8 (per-token absmax int8 activations, bitnet.cpp's I2_S
-math, see :func:`reference.quantize_activations_int8`) instead of exact float activations.
+``activations``: ``"exact"`` (float activations: the dense layer up to summation order),
+``"int8"`` (W1.58A8: per-token absmax int8 activations, bitnet.cpp's I2_S math) or ``"int16"``
+(per-token absmax int16: integer dot products at about the precision of bf16 activations), see
+:func:`reference.quantize_activations`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ OP_NAMESPACE = "bitcpm"
 OP_NAME = "ternary_linear"
 SCHEMA = (
     "ternary_linear(Tensor x, Tensor codes, Tensor scales, int group_size, Tensor? bias=None, "
-    "bool int8_activations=False) -> Tensor"
+    'str activations="exact") -> Tensor'
 )
 
 
@@ -65,10 +67,10 @@ def ternary_linear(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    int8_activations: bool = False,
+    activations: str = "exact",
 ) -> torch.Tensor:
     """Call the op through the dispatcher (picks the device's kernel)."""
-    return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias, int8_activations)
+    return torch.ops.bitcpm.ternary_linear(x, codes, scales, group_size, bias, activations)
 
 
 from vllm_bitcpm.ops import cpu as _cpu  # noqa: E402,F401  (registers the CPU kernel if built)

@@ -232,14 +232,18 @@ def ternary_linear_npu(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    int8_activations: bool = False,
+    activations: str = "exact",
 ) -> torch.Tensor:
     """The op on NPU tensors through torch_npu: converts per call (layers convert once instead)."""
     reference.check_operands(x, codes, scales, group_size)
+    reference.check_activations(activations)
+    if activations == "int16":
+        raise ValueError("ternary_linear (npu): int16 activations are a CPU-kernel mode (16-bit integers are "
+                         "not exact in the NPU's fp16/bf16 matmul); use exact or int8")
     k = x.shape[-1]
     fmt = choose_format(codes.shape[0], k, group_size, x.dtype, soc_family())
     w = to_npu_weights(codes, scales, group_size, k, x.dtype, fmt)
-    return weight_quant_linear(w, x, bias, int8_activations)
+    return weight_quant_linear(w, x, bias, activations == "int8")
 
 
 def _register() -> None:

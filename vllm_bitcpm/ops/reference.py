@@ -44,22 +44,39 @@ def check_operands(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, g
         )
 
 
+#: Activation modes of the op: float activations, or per-token absmax integers of 8 or 16 bits.
+ACTIVATIONS = ("exact", "int8", "int16")
 INT8_MAX = 127
+#: int16 mode's largest |q|: the biggest value whose split q = 256 * hi + lo (lo in [-128, 127])
+#: keeps hi an int8, so x86 kernels multiply both bytes with int8 instructions (vpmaddubsw).
+INT16_MAX = 32639
+QMAX = {"int8": INT8_MAX, "int16": INT16_MAX}
 
 
-def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 (bitnet.cpp's I2_S activations): x ~= q / inv_scale.
+def check_activations(activations: str) -> None:
+    """A clear error for an activation mode the op does not have."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"ternary_linear: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
 
-    Returns ``q`` (float32 holding integers in [-127, 127]) and ``inv_scale`` (..., 1) =
-    127 / max|x| per token (1 for an all-zero token; NaN when the token holds NaN/Inf, so
-    the token's outputs are NaN rather than silently finite).
+
+def quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax integers: x ~= q / inv_scale, |q| <= qmax.
+
+    Returns ``q`` (float32 holding integers in [-qmax, qmax]) and ``inv_scale`` (..., 1) =
+    qmax / max|x| per token (1 for an all-zero token; NaN when the token holds NaN/Inf, so
+    the token's outputs are NaN rather than silently finite). Rounding is half to even.
     """
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=-1, keepdim=True)
-    inv_scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.ones_like(absmax))
+    inv_scale = torch.where(absmax > 0, qmax / absmax, torch.ones_like(absmax))
     inv_scale = torch.where(torch.isfinite(absmax), inv_scale, torch.full_like(absmax, float("nan")))
-    q = torch.round(xf * inv_scale).clamp(-INT8_MAX, INT8_MAX)
+    q = torch.round(xf * inv_scale).clamp(-qmax, qmax)
     return q, inv_scale
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 (bitnet.cpp's I2_S activations): :func:`quantize_activations` with 127."""
+    return quantize_activations(x, INT8_MAX)
 
 
 def ternary_linear_reference(
@@ -68,13 +85,16 @@ def ternary_linear_reference(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    int8_activations: bool = False,
+    activations: str = "exact",
 ) -> torch.Tensor:
     check_operands(x, codes, scales, group_size)
-    if not int8_activations:
+    check_activations(activations)
+    if activations == "exact":
         weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
-    q, inv_scale = quantize_activations_int8(x)
+    # q holds integers below 2**15 and t * s is exact in float32: each product is one float32
+    # rounding, the sum float32 (the kernels sum exact integers per group instead).
+    q, inv_scale = quantize_activations(x, QMAX[activations])
     weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=torch.float32)
     y = (q @ weight.T) / inv_scale
     if bias is not None:
@@ -88,7 +108,7 @@ def ternary_linear_fallback(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    int8_activations: bool = False,
+    activations: str = "exact",
 ) -> torch.Tensor:
     """The composite kernel: runs on devices that registered no kernel of their own."""
     device = x.device.type
@@ -99,7 +119,7 @@ def ternary_linear_fallback(
             "ternary layers use the PyTorch reference (unpack + dense matmul)",
             device,
         )
-    return ternary_linear_reference(x, codes, scales, group_size, bias, int8_activations)
+    return ternary_linear_reference(x, codes, scales, group_size, bias, activations)
 
 
 def ternary_linear_fake(
@@ -108,7 +128,7 @@ def ternary_linear_fake(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    int8_activations: bool = False,
+    activations: str = "exact",
 ) -> torch.Tensor:
     """Shape-only implementation for tracing (torch.compile, meta tensors)."""
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
