@@ -226,20 +226,67 @@ def test_int8_rounding_ties_and_clamp_match_the_reference(isa):
     torch.testing.assert_close(y.to(torch.float64), int8_oracle(x, trits, scales, 64), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-def test_int16_split_bytes_ties_and_clamp_match_the_oracle(isa, group_size):
-    """int16 mode splits each integer v into 256 * hi + lo: values at the split's edges (lo = -128
-    and 127, hi = -128 and 127, the clamp at +-32639), .5 ties and every sign must come back exact."""
-    k = 512
-    qmax = reference.INT16_MAX
-    edges = [qmax, -qmax, 127.0, -128.0, 128.0, -129.0, 255.0, -256.0, 32512.0, -32640.0 + 1, 0.5, 2.5, -2.5,
-             32638.5, -32638.5, 1.0]
-    x = torch.tensor((edges * (k // len(edges) + 1))[:k]).view(1, k)
-    x = torch.cat([x, x.flip(1) * 0.25, torch.randn(3, k) * 1e3])
-    codes, scales, trits = random_packed(40, k, group_size, torch.float32, seed=group_size)
+@pytest.mark.parametrize("acts", ["int8", "int16"])
+def test_integer_modes_quantize_exactly_as_the_reference(isa, acts):
+    """Identity weights (row k has t = +1 at column k, scale 1) make each output q_k / inv, so the
+    kernel's integers can be read back and must equal the reference's bit for bit: int16's split
+    into 256 * hi + lo at every edge (lo = -128 / 127, hi = -128 / 127, +-qmax), .5 ties, zero and
+    tiny tokens (a finite token whose qmax / max|x| overflows float32 keeps finite outputs)."""
+    k = 256
+    qmax = reference.QMAX[acts]
+    edges = torch.tensor([qmax, -qmax, 127.0, -128.0, 128.0, -129.0, 255.0, -256.0, 32512.0, -32639.0, 0.5, 2.5,
+                          -2.5, 32638.5, -32638.5, 1.0]) * (qmax / 32639)
+    x = torch.stack([
+        edges.repeat(k // 16),
+        torch.linspace(-qmax, qmax, k),
+        torch.randn(k) * 1e3,
+        torch.zeros(k),
+        torch.randn(k) * 5e-35,  # qmax / max|x| past float32's range
+        torch.randn(k) * 1e-40,  # subnormal
+    ])
+    x[4, ::3] = 0  # zeros in a tiny token: 0 * inf would be NaN
+    x[5, ::3] = 0
+    trits = torch.eye(k, dtype=torch.int8)
+    codes = ternary.pack_codes(trits)
+    scales = torch.ones(k, 1)
+    y = kernel(x, codes, scales, k, None, acts, isa)
+    q, inv = reference.quantize_activations(x, qmax)
+    assert torch.isfinite(y).all() and torch.isfinite(inv).all()
+    back = torch.round(y.to(torch.float64) * inv.to(torch.float64))
+    assert torch.equal(back, q.to(torch.float64))
+    # A tiny token is still quantized (inv capped at float32's max); a subnormal one rounds to 0.
+    assert (q[4].abs() > 0).any() and torch.equal(y[5], torch.zeros(k))
+
+
+@pytest.mark.parametrize("acts", ["int8", "int16"])
+@pytest.mark.parametrize("m", [1, 5, 9, 40])
+def test_integer_modes_with_whole_row_scales_equal_the_scalar_twin_bit_for_bit(isa, acts, m):
+    """With one scale per row every path computes s * float(exact integer dot) / inv, the scalar
+    twin's arithmetic, so they must agree exactly (int16 runs the AVX2 routine on every x86 path;
+    AVX512's int8 routine has its own epilogue and NEON its own test below)."""
+    if isa == "scalar" or (acts == "int8" and isa != "avx2") or isa not in cpu_kernel.X86_ISAS:
+        pytest.skip("the scalar twin itself, or a path with its own epilogue")
+    for k in (1, 127, 1000, 3000):
+        codes, scales, _ = random_packed(33, k, k, torch.bfloat16, seed=k + m)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+        assert torch.equal(kernel(x, codes, scales, k, None, acts, isa), kernel(x, codes, scales, k, None, acts, "scalar"))
+
+
+@pytest.mark.parametrize("group_size", [65536, 4096, 128, 32])
+def test_int16_at_its_largest_k_and_values_stays_exact(isa, group_size):
+    """K = 65536 with every |v| = 32639 and t = sign(x): the dot product is 32639 * 65536, just under
+    2^31, so int32 sums hold it and y = 65536 (the row's K) for whole-row scales."""
+    k = 65536
+    sign = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0)
+    x = sign.view(1, k)
+    trits = torch.stack([sign, -sign]).to(torch.int8)
+    codes = ternary.pack_codes(trits)
+    scales = torch.ones(2, k // group_size)
     y = kernel(x, codes, scales, group_size, None, "int16", isa)
-    # Integer sums per group are exact; the groups' float sum rounds (one part in 2^24 per group).
-    assert rel_err(y, integer_oracle(x, trits, scales, group_size, None, "int16")) < 1e-6
+    if group_size == k:
+        assert y.tolist() == [[65536.0, -65536.0]]
+    else:  # the groups' fp32 sum rounds
+        torch.testing.assert_close(y, torch.tensor([[65536.0, -65536.0]]), rtol=1e-4, atol=0)
 
 
 def test_int16_is_closer_to_exact_than_int8(isa):
@@ -258,6 +305,8 @@ def test_int16_refuses_k_past_its_exact_range():
     codes = torch.full((1, k // 128 * 32), 0x55, dtype=torch.uint8)
     with pytest.raises(ValueError, match="int16 activations take K <= 65536"):
         kernel(torch.randn(1, k), codes, torch.ones(1, 1), k, None, "int16")
+    with pytest.raises(ValueError, match="int16 activations take K <= 65536"):
+        reference.ternary_linear_reference(torch.randn(1, k), codes, torch.ones(1, 1), k, None, "int16")
     assert kernel(torch.randn(1, k), codes, torch.ones(1, 1), k, None, "exact").shape == (1, 1)
 
 

@@ -91,21 +91,40 @@ def test_quantize_rows_int8_against_by_hand_values():
     assert q.tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 0]]  # round-half-even: 63.5 -> 64
 
 
-@pytest.mark.parametrize(("mode", "backend", "kernel", "runs"), [
-    ("int16", "native", "cpu avx2", "int16"),
-    ("int16", "native", "cpu avx512bf16", "int16"),
-    ("int16", "native", "cpu scalar", "int16"),
-    ("int16", "native", "cpu neon-dotprod", "exact"),  # no NEON int16 kernel: exact, said in the load log
-    ("int16", "native", "npu", "exact"),  # 16-bit integers are not exact in the NPU's fp16/bf16 matmul
-    ("int8", "native", "npu", "int8"),
-    ("int8", "native", "cpu neon", "int8"),
-    ("int16", "int4", "CPUWNA16LinearKernel", "exact"),
-    ("int8", "dense", "stock dense", "exact"),
-    ("int16", "reference", "reference", "int16"),
-    ("exact", "native", "cpu avx2", "exact"),
+@pytest.mark.parametrize(("mode", "backend", "kernel", "machine", "k", "runs"), [
+    ("int16", "native", "cpu avx2", "x86_64", 4096, "int16"),
+    ("int16", "native", "cpu avx512bf16", "x86_64", 4096, "int16"),
+    ("int16", "native", "cpu scalar", "x86_64", 4096, "int16"),
+    ("int16", "native", "cpu avx2", "x86_64", 65536, "int16"),
+    ("int16", "native", "cpu avx2", "x86_64", 65537, "exact"),  # past the exact int32 range
+    ("int16", "reference", "reference", "x86_64", 65537, "exact"),
+    ("int16", "native", "cpu neon-dotprod", "aarch64", 4096, "exact"),  # no NEON int16 kernel
+    ("int16", "native", "cpu scalar", "aarch64", 4096, "exact"),
+    ("int16", "native", "npu", "aarch64", 4096, "exact"),  # 16-bit integers are not exact in fp16/bf16
+    ("int8", "native", "npu", "aarch64", 4096, "int8"),
+    ("int8", "native", "cpu neon", "aarch64", 4096, "int8"),
+    ("int16", "int4", "CPUWNA16LinearKernel", "x86_64", 4096, "exact"),
+    ("int8", "dense", "stock dense", "x86_64", 4096, "exact"),
+    ("int16", "reference", "reference", "aarch64", 4096, "int16"),
+    ("exact", "native", "cpu avx2", "x86_64", 4096, "exact"),
 ])
-def test_each_layer_runs_the_activation_mode_its_backend_has(mode, backend, kernel, runs):
+def test_each_layer_runs_the_activation_mode_its_backend_has(mode, backend, kernel, machine, k, runs):
     from vllm_bitcpm import backends
     from vllm_bitcpm.quantization import layer_activations
 
-    assert layer_activations(mode, backends.Choice(backend, kernel, "test")) == runs
+    assert layer_activations(mode, backends.Choice(backend, kernel, "test"), k, machine) == runs
+
+
+def test_this_cpus_native_kernel_runs_int16_where_it_should():
+    """The table above uses hand-written kernel names: check the one this CPU really reports."""
+    import platform
+
+    from vllm_bitcpm import backends
+    from vllm_bitcpm.ops import cpu
+    from vllm_bitcpm.quantization import layer_activations
+
+    if not cpu.AVAILABLE:
+        pytest.skip("the CPU kernel is not built")
+    choice = backends.Choice("native", backends.native_kernel(), "test")
+    expected = "int16" if cpu.machine_isas() == cpu.X86_ISAS else "exact"
+    assert layer_activations("int16", choice, 1024) == expected, (platform.machine(), choice.kernel)

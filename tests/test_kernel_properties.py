@@ -1,7 +1,7 @@
 """Property sweeps of the ternary kernel over hostile inputs, on every ISA path this CPU runs.
 
 Random shapes (M, K, N from 1, odd, off every block grid), every granularity, scale magnitudes
-from subnormal to 1e30, activations with zeros, all-zero tokens, +-inf and NaN; exact, int8 and
+from subnormal to 1e30, activations with zeros, all-zero and tiny tokens, +-inf and NaN; exact, int8 and
 int16 modes. Oracles are independent: float64 matmul on the dense weight for exact mode
 (non-finite outputs must sit where the dense fp32 layer puts them, with its sign), integer dot
 products of the reference's quantization for the integer modes. A few dozen cases per test and path in the default
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="CPU kernel ext
 
 GRANULARITIES = ["tensor", "row", 32, 64, 128, 256]
 SCALE_MAGNITUDES = {"subnormal": 1e-40, "tiny": 1e-30, "unit": 1.0, "huge": 1e30}
-SPECIALS = ["none", "zeros", "zero_token", "inf", "nan", "mixed_inf"]
+SPECIALS = ["none", "zeros", "zero_token", "tiny_token", "inf", "nan", "mixed_inf"]
 
 
 @st.composite
@@ -57,6 +57,10 @@ def make(case):
     pick = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
     if special == "zeros":
         x[torch.rand(m, k, generator=gen) < 0.5] = 0
+    elif special == "tiny_token":  # finite, but qmax / max|x| overflows float32; with zeros in it
+        row = pick(m)
+        x[row] *= 1e-36
+        x[row, ::2] = 0
     elif special == "zero_token":
         x[pick(m)] = 0
     elif special == "inf":

@@ -51,29 +51,35 @@ DEFAULT_ACTIVATIONS = "exact"
 def activations_scope(mode: str) -> str:
     """Where an activation mode runs, for the load log."""
     if mode == "int16":
-        return "int16 runs in the plugin's x86 CPU kernel and its reference"
+        return (f"int16 runs in the plugin's x86 CPU kernel and its reference, for layers of up to "
+                f"{reference_op.INT16_MAX_K} inputs")
     return f"{mode} runs in the plugin's kernels (native backend) and its reference"
 
 
-def layer_activations(mode: str, choice: backends.Choice) -> str:
+def layer_activations(mode: str, choice: backends.Choice, in_features: int, machine: str | None = None) -> str:
     """The activation mode one layer runs: the configured one where its backend has it, else exact.
 
     int8 runs in every native kernel (CPU, NPU) and the reference; int16 in the x86 CPU kernel
     (its AVX2 routine, also on AVX512 CPUs; the scalar twin when capped to it) and the reference,
-    not on NEON (no int16 kernel there yet) nor the NPU (16-bit integers are not exact in its
-    fp16/bf16 matmul). vLLM's int4 kernels and dense layers take float activations only.
+    for K <= INT16_MAX_K (exact int32 sums); not on other CPUs (no NEON int16 kernel yet) nor the
+    NPU (16-bit integers are not exact in its fp16/bf16 matmul). vLLM's int4 kernels and dense
+    layers take float activations only. ``machine``: platform.machine() unless given (tests).
     """
-    if mode == "exact" or choice.backend == "reference":
+    if mode == "exact":
+        return mode
+    if mode == "int16" and in_features > reference_op.INT16_MAX_K:
+        return "exact"
+    if choice.backend == "reference":
         return mode
     if choice.backend != "native":
         return "exact"
-    if mode == "int16" and choice.kernel not in X86_CPU_KERNELS:
-        return "exact"
+    if mode == "int16":
+        from vllm_bitcpm.ops import cpu
+
+        on_x86 = cpu.machine_isas(machine) == cpu.X86_ISAS
+        if not (on_x86 and choice.kernel.startswith("cpu ")):
+            return "exact"
     return mode
-
-
-#: native_kernel() names of the x86 CPU kernel's paths (int16 activations run there).
-X86_CPU_KERNELS = tuple(f"cpu {isa}" for isa in ("avx512bf16", "avx512", "avx2", "scalar"))
 
 
 def activation_mode(configured: str | None = None) -> str:
@@ -422,7 +428,7 @@ class TernaryLinearMethod(LinearMethodBase):
         key = f"{choice.backend} {choice.kernel}" if choice.backend != "dense" else "dense (as stock vLLM)"
         report.kernels[key] = report.kernels.get(key, 0) + 1
         report.kernel_reasons[key] = choice.reason
-        layer.bitcpm_activations = layer_activations(self.quant_config.activations, choice)
+        layer.bitcpm_activations = layer_activations(self.quant_config.activations, choice, packed.in_features)
         if layer.bitcpm_activations != self.quant_config.activations:
             report.kernel_reasons[key] += (f"; {ACTIVATIONS_ENV}={self.quant_config.activations} is not applied here "
                                            f"({activations_scope(self.quant_config.activations)})")

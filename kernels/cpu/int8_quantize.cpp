@@ -14,6 +14,7 @@
 #include "cpu_features.h"  // <immintrin.h> on x86
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -33,8 +34,9 @@ inline void split16(int32_t v, int8_t* hi, int8_t* lo) {
 // inv = qmax/max|x| (1 if all zero, NaN if any non-finite). PyTorch evaluates the reference's
 // `qmax / absmax` (int / tensor -> Tensor.__rtruediv__) as `absmax.reciprocal() * qmax`, two
 // float32 roundings, and a 1-ulp different inv flips roundings of q; so the same is done here,
-// v = clamp(round_half_even(x*inv), +-qmax). A NaN product (non-finite x, or 0*inf for a
-// subnormal absmax) makes the token's outputs NaN.
+// v = clamp(round_half_even(x*inv), +-qmax). inv is capped at FLT_MAX: qmax/absmax overflows
+// for a tiny but finite token (absmax below 9.6e-35 in int16 mode, 3.7e-37 in int8 mode), and
+// an infinite inv would turn its zeros into 0*inf = NaN. Only non-finite x makes outputs NaN.
 void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* q, int8_t* qlo, int32_t* qs, float* inv_out) {
   const float qmax = qlo ? static_cast<float>(kInt16Max) : kInt8Max;
   float absmax = 0.f;
@@ -44,7 +46,7 @@ void quantize_row_scalar(const Ctx& c, const float* xr, int8_t* q, int8_t* qlo, 
     if (!std::isfinite(a)) finite = false;
     absmax = std::max(absmax, a);
   }
-  float inv = finite ? (absmax > 0.f ? qmax * (1.0f / absmax) : 1.0f) : NAN;
+  float inv = finite ? (absmax > 0.f ? std::min(qmax * (1.0f / absmax), FLT_MAX) : 1.0f) : NAN;
   auto clear = [&]() {
     std::memset(q, 0, c.Kp);
     if (qlo) std::memset(qlo, 0, c.Kp);
@@ -110,7 +112,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const Ctx& c, const f
     if (!std::isfinite(a)) finite = false;
     absmax = std::max(absmax, a);
   }
-  const float inv = absmax > 0.f ? qmax * (1.0f / absmax) : 1.0f;
+  const float inv = absmax > 0.f ? std::min(qmax * (1.0f / absmax), FLT_MAX) : 1.0f;
   if (!finite || !std::isfinite(inv)) {
     quantize_row_scalar(c, xr, q, qlo, qs, inv_out);
     return;

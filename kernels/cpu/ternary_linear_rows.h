@@ -49,8 +49,10 @@ enum class Activations { kExact, kInt8, kInt16 };
 // int16 mode's largest |qv| (vllm_bitcpm.ops.reference.INT16_MAX): 127 * 256 + 127, the biggest
 // value whose high byte stays an int8 when lo is in [-128, 127].
 constexpr int32_t kInt16Max = 32639;
-// int16 mode: |dot(qv, t)| <= kInt16Max * K must fit int32, so K is capped (BitCPM's largest K is
-// 16384); the op refuses larger K in this mode.
+// int16 mode: int32 sums must stay exact, so K is capped (BitCPM's largest K is 16384); the op
+// refuses larger K in this mode. What binds: the per-group sums of qv (qsum) and the scalar
+// twin's dot product, both <= kInt16Max * K < 2^31. The SIMD kernels' sum of codes (0..2) times
+// qv over a row reaches 2 * kInt16Max * K, so their whole-row total is summed in int64.
 constexpr int64_t kInt16MaxK = 65536;
 
 // A row kernel: rows [n0, n1) of y for tokens [m0, m0 + its token count); sbuf holds G floats.

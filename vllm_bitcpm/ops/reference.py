@@ -51,6 +51,8 @@ INT8_MAX = 127
 #: keeps hi an int8, so x86 kernels multiply both bytes with int8 instructions (vpmaddubsw).
 INT16_MAX = 32639
 QMAX = {"int8": INT8_MAX, "int16": INT16_MAX}
+#: int16 mode's largest K: |sum of v * t| <= INT16_MAX * K must stay an exact int32 in the kernels.
+INT16_MAX_K = 65536
 
 
 def check_activations(activations: str) -> None:
@@ -64,11 +66,14 @@ def quantize_activations(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torc
 
     Returns ``q`` (float32 holding integers in [-qmax, qmax]) and ``inv_scale`` (..., 1) =
     qmax / max|x| per token (1 for an all-zero token; NaN when the token holds NaN/Inf, so
-    the token's outputs are NaN rather than silently finite). Rounding is half to even.
+    the token's outputs are NaN rather than silently finite), capped at float32's largest value
+    so that a tiny finite token (max|x| < qmax / 3.4e38) keeps finite outputs. Rounding is half
+    to even.
     """
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=-1, keepdim=True)
     inv_scale = torch.where(absmax > 0, qmax / absmax, torch.ones_like(absmax))
+    inv_scale = inv_scale.clamp(max=torch.finfo(torch.float32).max)
     inv_scale = torch.where(torch.isfinite(absmax), inv_scale, torch.full_like(absmax, float("nan")))
     q = torch.round(xf * inv_scale).clamp(-qmax, qmax)
     return q, inv_scale
@@ -89,6 +94,9 @@ def ternary_linear_reference(
 ) -> torch.Tensor:
     check_operands(x, codes, scales, group_size)
     check_activations(activations)
+    if activations == "int16" and x.shape[-1] > INT16_MAX_K:
+        raise ValueError(f"ternary_linear: int16 activations take K <= {INT16_MAX_K} (exact int32 sums), "
+                         f"got K={x.shape[-1]}")
     if activations == "exact":
         weight = ternary.dequantize(codes, scales, group_size, x.shape[-1], dtype=x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
