@@ -43,7 +43,10 @@ from engine_sides import (  # noqa: E402
 
 #: vLLM sides: plugin on or off, and the environment that selects its options.
 SIDES = {"stock": (False, {}), "plugin": (True, {}),
-         "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"})}
+         "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
+         "plugin-int16": (True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"})}
+#: What runs unless --sides says otherwise.
+DEFAULT_SIDES = ["stock", "plugin", "plugin-int8"]
 PEERS = ("llama-server",)
 METRICS = ("ttft", "tpot", "itl")
 PERCENTILES = (50, 99)
@@ -57,7 +60,9 @@ SMOKE = {"synthetic": "tiny", "sides": ["stock", "plugin"], "concurrency": [1, 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
-    parser.add_argument("--sides", nargs="*", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--sides", nargs="*", default=DEFAULT_SIDES, choices=list(SIDES),
+                        help=f"vLLM servers to run (default {' '.join(DEFAULT_SIDES)}; plugin-int16: int16 "
+                             "activations + int8 head)")
     parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
                         help="other servers driven by the same command (llama-server: scripts/setup-llama-cpp.sh)")
     parser.add_argument("--llama-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
