@@ -143,6 +143,10 @@ stage_done
 
 # 5. the package, kernel built inside the root
 stage "package + CPU kernel built inside the root ($SRC)"
+# A fresh copy each run: tar keeps the files' commit-time mtimes, so a kernel library left by an
+# earlier run looks newer than changed sources and setuptools would skip the rebuild (seen: an
+# old schema's library loaded against a new op definition).
+rm -rf "$ROOT$SRC"
 mkdir -p "$ROOT$SRC"
 git ls-files -z --cached --others --exclude-standard \
   | tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C "$ROOT$SRC"
