@@ -25,6 +25,13 @@ def _summary_vs_reference(run, reference):
     return accuracy.summarize(comparisons)
 
 
+def _record(label, summary, extra=""):
+    """One line of the suite's figures: how a side's next tokens agree with the float64 reference."""
+    FIGURES.append(f"{label} vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, top-5 inclusion "
+                   f"{summary['top5_inclusion_rate']:.0%}, mean top-10 overlap {summary['mean_top10_overlap']:.2f}, "
+                   f"mean top-1 prob rel error {summary['mean_top1_prob_rel_error']:.4%}{extra}")
+
+
 def _run_with(checkpoint_dir, prompt_ids, env):
     job = EngineJob(model=str(checkpoint_dir / "per_row"), prompts=prompt_ids, max_tokens=1, logprobs=LOGPROBS)
     (run,) = run_engine_jobs([job], plugin=True, extra_env=env)
@@ -43,19 +50,14 @@ def int8_activations_run(checkpoint_dir, prompt_ids):
 
 def test_int8_lm_head_keeps_top10(int8_head_run, reference_logits):
     summary = _summary_vs_reference(int8_head_run, reference_logits["per_row"])
-    FIGURES.append(f"int8 lm_head vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, mean top-10 "
-                   f"overlap {summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
-                   f"{summary['mean_top1_prob_rel_error']:.2%}")
+    _record("int8 lm_head", summary)
     assert summary["top1_match_rate"] == 1.0
     assert summary["mean_top10_overlap"] >= 9.5
 
 
 def test_int8_activations_keep_the_reference_top1_in_the_top5(int8_activations_run, reference_logits):
     summary = _summary_vs_reference(int8_activations_run, reference_logits["per_row"])
-    FIGURES.append(f"int8 activations vs float64 reference: top-1 {summary['top1_match_rate']:.0%}, top-5 "
-                   f"inclusion {summary['top5_inclusion_rate']:.0%}, mean top-10 overlap "
-                   f"{summary['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
-                   f"{summary['mean_top1_prob_rel_error']:.2%}")
+    _record("int8 activations", summary)
     assert summary["top5_inclusion_rate"] == 1.0
     assert summary["mean_top10_overlap"] >= 9.0
 
@@ -71,9 +73,7 @@ def test_int16_activations_keep_the_reference_ranking_far_closer_than_int8(int16
     keep every top-1 and cut int8's top-1 probability error by far (165x here: 0.05% against 8.5%)."""
     int16 = _summary_vs_reference(int16_activations_run, reference_logits["per_row"])
     int8 = _summary_vs_reference(int8_activations_run, reference_logits["per_row"])
-    FIGURES.append(f"int16 activations vs float64 reference: top-1 {int16['top1_match_rate']:.0%}, mean top-10 "
-                   f"overlap {int16['mean_top10_overlap']:.2f}, mean top-1 prob rel error "
-                   f"{int16['mean_top1_prob_rel_error']:.4%} (int8: {int8['mean_top1_prob_rel_error']:.2%})")
+    _record("int16 activations", int16, f" (int8: {int8['mean_top1_prob_rel_error']:.2%})")
     assert int16["top1_match_rate"] == 1.0
     assert int16["mean_top10_overlap"] >= 9.5
     assert int16["mean_top1_prob_rel_error"] * 10 < int8["mean_top1_prob_rel_error"], (int16, int8)
