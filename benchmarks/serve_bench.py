@@ -41,10 +41,13 @@ from engine_sides import (  # noqa: E402
     resolve_model, write_json,
 )
 
-#: vLLM sides: plugin on or off, and the environment that selects its options.
-SIDES = {"stock": (False, {}), "plugin": (True, {}),
-         "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}),
-         "plugin-int16": (True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"})}
+#: vLLM sides: plugin on or off, the environment that selects its options, and the engine dtype
+#: (None: --dtype). stock-fp32 is what a user of a CPU without bf16 hardware can serve instead of
+#: stock's slow bf16 default (ATen's bf16 fallback), the AVX2 targets' second baseline.
+SIDES = {"stock": (False, {}, None), "plugin": (True, {}, None),
+         "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}, None),
+         "plugin-int16": (True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"}, None),
+         "stock-fp32": (False, {}, "float32")}
 #: What runs unless --sides says otherwise.
 DEFAULT_SIDES = ["stock", "plugin", "plugin-int8"]
 PEERS = ("llama-server",)
@@ -62,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_source_arguments(parser)
     parser.add_argument("--sides", nargs="*", default=DEFAULT_SIDES, choices=list(SIDES),
                         help=f"vLLM servers to run (default {' '.join(DEFAULT_SIDES)}; plugin-int16: int16 "
-                             "activations + int8 head)")
+                             "activations + int8 head; stock-fp32: stock served in float32)")
     parser.add_argument("--peers", nargs="*", default=[], choices=PEERS,
                         help="other servers driven by the same command (llama-server: scripts/setup-llama-cpp.sh)")
     parser.add_argument("--llama-threads", type=int, nargs="+", default=[os.cpu_count() or 1],
@@ -104,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def server_args(args) -> list[str]:
-    out = ["--dtype", args.dtype, "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)),
+def server_args(args, dtype: str | None = None) -> list[str]:
+    out = ["--dtype", dtype or args.dtype, "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)),
            "--gpu-memory-utilization", "0.05", "--max-model-len", str(args.max_model_len), "--trust-remote-code"]
     return out + (["--enforce-eager"] if args.eager else [])
 
@@ -196,8 +199,9 @@ def start_server(side: str, model: str, args, raw_dir: Path):
         return
     from vllm_bitcpm.testing.serve import vllm_serve
 
-    plugin, env = SIDES[side]
-    with vllm_serve(model, log, plugin=plugin, served_name="bench-model", args=server_args(args), env=env) as server:
+    plugin, env, dtype = SIDES[side]
+    with vllm_serve(model, log, plugin=plugin, served_name="bench-model", args=server_args(args, dtype),
+                    env=env) as server:
         yield server, "vllm", "vllm"
 
 

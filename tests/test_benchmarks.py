@@ -125,7 +125,7 @@ def test_transformers_reference_fails_clearly_without_modelling_code(smoke):
 
 def test_inner_loop_ceiling_runs(tmp_path):
     """benchmarks/inner_loop_ceiling.py builds its C++ loops and reports every variant this CPU runs:
-    3 AVX2 loops everywhere with AVX2, 6 more on AVX512-BF16 CPUs."""
+    12 AVX2 loops everywhere with AVX2 (4 float, 8 integer), 6 more on AVX512-BF16 CPUs."""
     from vllm_bitcpm.ops import cpu as cpu_kernel
 
     if cpu_kernel.CPU_ISA is None or cpu_kernel.CPU_ISA.startswith("scalar"):
@@ -135,10 +135,11 @@ def test_inner_loop_ceiling_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    expected = 9 if cpu_kernel.CPU_ISA.startswith("avx512bf16") else 3
+    expected = 18 if cpu_kernel.CPU_ISA.startswith("avx512bf16") else 12
     assert len(rows) == expected and all(r["gweights_per_s"] > 0 and r["model_ms_per_token"] > 0 for r in rows)
-    assert sum(r["isa"] == "avx2" for r in rows) == 3
+    assert sum(r["isa"] == "avx2" for r in rows) == 12
     assert any(r["variant"].startswith("fp32 lookup table, column triples") for r in rows)
+    assert {r["variant"].split(",")[0] for r in rows if r["variant"].startswith("int")} == {"int8", "int16"}
 
 
 def test_prefill_gemm_sweep_runs(tmp_path):

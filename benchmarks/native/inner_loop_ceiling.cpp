@@ -105,7 +105,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) __attribute__((noinline)) f
 // ------------------------------------------------------------------------------------------
 // AVX2 (fp32 activations: how the kernel runs exact mode on CPUs without AVX512-BF16, bf16
 // activations widened exactly). kAvx2Full is the kernel's exact decode loop (exact_rows_avx2_t,
-// one token): per 8 weights `vpsrld` + `vpermps` from {-s, 0, s, 0, ...} + one FMA with x.
+// one token): per 8 weights `vpsrld` + `vpermilps` from {-s, 0, s, 0} (in each 128-bit half) + one FMA
+// with x. kAvx2CrossLane is the same loop with the cross-lane `vpermps` on the 8-entry table it used
+// before (the same weights; slower on AMD Zen 2/3, whose cross-lane permutes cost more).
 // kAvx2FmaOnly drops the decode (the code word, as floats, goes straight into the FMA): the
 // ceiling of any loop that spends one FMA per 8 weights. kAvx2LutTriples is the lookup-table
 // idea for float activations on AVX2, in bit planes: t = p - n with p, n in {0, 1}; per column
@@ -113,7 +115,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) __attribute__((noinline)) f
 // plane of 3 columns for 8 rows at once. The repacked layout puts, per group of 8 rows, one
 // 32-bit word per row per plane holding ten 3-bit fields (30 columns): per 240 weights 2 code
 // loads, 10 table loads, 18 shifts, 20 `vpermps`, 20 add/sub (tables built inside the timing).
-enum Avx2Variant { kAvx2Full = 0, kAvx2FmaOnly = 1, kAvx2LutTriples = 2 };
+enum Avx2Variant { kAvx2Full = 0, kAvx2FmaOnly = 1, kAvx2LutTriples = 2, kAvx2CrossLane = 3 };
 
 template <int V>
 __attribute__((target("avx2,fma"))) __attribute__((noinline)) float run_avx2(const uint8_t* codes, const float* x,
@@ -157,8 +159,10 @@ __attribute__((target("avx2,fma"))) __attribute__((noinline)) float run_avx2(con
 #pragma GCC unroll 4
           for (int b = 0; b < 4; ++b) {
             const __m256 xv = _mm256_loadu_ps(xk + 32 * s + 8 * b);
-            const __m256 w = V == kAvx2FmaOnly ? _mm256_castsi256_ps(d)
-                             : _mm256_permutevar8x32_ps(lut, (8 * b + 2 * s) ? _mm256_srli_epi32(d, 8 * b + 2 * s) : d);
+            const __m256i idx = (8 * b + 2 * s) ? _mm256_srli_epi32(d, 8 * b + 2 * s) : d;
+            const __m256 w = V == kAvx2FmaOnly     ? _mm256_castsi256_ps(d)
+                             : V == kAvx2CrossLane ? _mm256_permutevar8x32_ps(lut, idx)
+                                                   : _mm256_permutevar_ps(lut, idx);
             acc[s] = _mm256_fmadd_ps(w, xv, acc[s]);
           }
       }
@@ -168,6 +172,53 @@ __attribute__((target("avx2,fma"))) __attribute__((noinline)) float run_avx2(con
   alignas(32) float out[8];
   _mm256_store_ps(out, total);
   return out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7];
+}
+
+// AVX2 integer activations (the int8 and int16 options, int8_rows_avx2_t in rows_avx2.cpp) for T
+// tokens: per 32 weights the decode is `vpsrlw` + `vpand` (codes t+1 as unsigned bytes, shared by
+// the T tokens), then per token one `vpmaddubsw` with the int8 activations (int16: a second one on
+// the low bytes), `vpaddw`, and per 128 weights `vpmaddwd` into int32 (int16: two) + `vpaddd`.
+// Decode = false feeds the code word itself to `vpmaddubsw` (no shift, no mask): the ceiling of
+// any loop that spends these multiply-adds per weight and token. Counted in weight-token products.
+template <int T, bool Int16, bool Decode>
+__attribute__((target("avx2,fma"))) __attribute__((noinline)) int run_avx2_int(const uint8_t* codes, const int8_t* q,
+                                                                              const int8_t* qlo, int rows, int K) {
+  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+  const int nblk = K / 128;
+  __m256i total = _mm256_setzero_si256();
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* row = codes + static_cast<size_t>(r) * nblk * 32;
+    __m256i acc[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+    for (int blk = 0; blk < nblk; ++blk) {
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * 32));
+      __m256i c[4];
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) c[s] = Decode ? _mm256_and_si256(s ? _mm256_srli_epi16(d, 2 * s) : d, m3) : d;
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256i* qt = reinterpret_cast<const __m256i*>(q + static_cast<size_t>(t) * K + blk * 128);
+        __m256i a = _mm256_maddubs_epi16(c[0], _mm256_loadu_si256(qt));
+#pragma GCC unroll 3
+        for (int s = 1; s < 4; ++s) a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c[s], _mm256_loadu_si256(qt + s)));
+        if (Int16) {
+          const __m256i* lt = reinterpret_cast<const __m256i*>(qlo + static_cast<size_t>(t) * K + blk * 128);
+          __m256i b = _mm256_maddubs_epi16(c[0], _mm256_loadu_si256(lt));
+#pragma GCC unroll 3
+          for (int s = 1; s < 4; ++s) b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c[s], _mm256_loadu_si256(lt + s)));
+          acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(a, k256), _mm256_madd_epi16(b, ones)));
+        } else {
+          acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(a, ones));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) total = _mm256_add_epi32(total, acc[t]);
+  }
+  alignas(32) uint32_t out[8];  // a checksum: wrapping is fine
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), total);
+  return static_cast<int>(out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7]);
 }
 
 template <typename Fn>
@@ -200,8 +251,11 @@ int main(int argc, char** argv) {
   std::printf("[");
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     const int k30 = K / 30 * 30;
-    emit("avx2", "fp32: shift + vpermps + FMA per 8 weights (the kernel's loop)",
+    emit("avx2", "fp32: shift + vpermilps + FMA per 8 weights (the kernel's loop)",
          best_seconds([&] { return run_avx2<kAvx2Full>(codes.data(), xf.data(), tables.data(), rows, K); }),
+         double(rows) * K);
+    emit("avx2", "fp32: shift + vpermps (cross-lane) + FMA per 8 weights (the kernel's loop before)",
+         best_seconds([&] { return run_avx2<kAvx2CrossLane>(codes.data(), xf.data(), tables.data(), rows, K); }),
          double(rows) * K);
     emit("avx2", "fp32: FMA only (no decode)",
          best_seconds([&] { return run_avx2<kAvx2FmaOnly>(codes.data(), xf.data(), tables.data(), rows, K); }),
@@ -209,6 +263,21 @@ int main(int argc, char** argv) {
     emit("avx2", "fp32 lookup table, column triples in bit planes (vpermps + vaddps, 8 rows)",
          best_seconds([&] { return run_avx2<kAvx2LutTriples>(codes.data(), xf.data(), tables.data(), rows, k30); }),
          double(rows) * k30);
+    // Integer activations: small values keep every int16 pair sum in range whatever the codes.
+    std::vector<int8_t> q(static_cast<size_t>(K) * 8), qlo(static_cast<size_t>(K) * 8);
+    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int8_t>(std::rand() % 16 - 8), qlo[i] = q[i];
+    auto run_int = [&](auto fn, int tokens, const char* name) {
+      emit("avx2", name, best_seconds([&] { return float(fn(codes.data(), q.data(), qlo.data(), rows, K)); }),
+           double(rows) * K * tokens);
+    };
+    run_int(run_avx2_int<1, false, true>, 1, "int8, 1 token: vpsrlw + vpand + vpmaddubsw per 32 (the kernel's loop)");
+    run_int(run_avx2_int<1, false, false>, 1, "int8, 1 token: vpmaddubsw only (no decode)");
+    run_int(run_avx2_int<8, false, true>, 8, "int8, 8 tokens: one decode, 8 x vpmaddubsw per 32 (the kernel's loop)");
+    run_int(run_avx2_int<8, false, false>, 8, "int8, 8 tokens: vpmaddubsw only (no decode)");
+    run_int(run_avx2_int<1, true, true>, 1, "int16, 1 token: two vpmaddubsw per 32 (the kernel's loop)");
+    run_int(run_avx2_int<1, true, false>, 1, "int16, 1 token: vpmaddubsw only (no decode)");
+    run_int(run_avx2_int<8, true, true>, 8, "int16, 8 tokens: one decode, 16 x vpmaddubsw per 32 (the kernel's loop)");
+    run_int(run_avx2_int<8, true, false>, 8, "int16, 8 tokens: vpmaddubsw only (no decode)");
   }
   if (__builtin_cpu_supports("avx512bf16")) {
     const char* names[] = {"full (shift + permute + vdpbf16ps)", "dot products only", "decode only",

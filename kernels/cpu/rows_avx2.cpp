@@ -2,7 +2,7 @@
 // rows_scalar.cpp.
 //
 //   exact mode: per 32-bit lane of a 32-byte code load, `vpsrld` by (8*byte + 2*shift) then
-//     `vpermps` from an 8-entry table {-s,0,s,0,-s,0,s,0} gives 8 scaled float weights (2
+//     `vpermilps` from the table {-s,0,s,0} in each 128-bit half gives 8 scaled float weights (2
 //     instructions per 8 weights), then one `vfmadd231ps` per token; 2-4 accumulator chains per
 //     token. The weights come out in a permuted element order, so x is permuted once per call
 //     (permute_x). Whole-row scales keep the table {-1,0,1,0} and scale the row's sum once.
@@ -10,8 +10,9 @@
 //     (benchmarks/instruction_counts.py, valgrind; results/instruction_counts.json).
 //   dequant: the same decode stored to memory, rows of the ternary GEMM's tiles (ternary_gemm.cpp).
 //   int8 mode: codes as unsigned bytes (t+1) by `vpsrlw` + `vpand`, `vpmaddubsw(codes, q)` then
-//     `vpmaddwd(., 1)` into int32 lanes; sum(q) per group (or per lane, c.qlane) subtracted
-//     before any float conversion, so each group's dot product is exact.
+//     `vpmaddwd(., 1)` into int32 lanes; the per-lane sums of q (c.qlane) subtracted before any
+//     float conversion, so each group's dot product is exact. Whole-row scales: rows in fours,
+//     reduced together (int8_whole_rows_avx2_t).
 //   int16 mode: the int8 routine with a second `vpmaddubsw` per 32 weights and token on the low
 //     bytes of the integers, `vpmaddwd(high, 256) + vpmaddwd(low, 1)`: the same decode, twice
 //     the multiply-adds, still exact integer sums.
@@ -59,11 +60,14 @@ void permute_x(const Ctx& c, float* xp) {
 namespace {
 
 // Dequantize a 32-weight chunk (chunk s of the block whose code word is d) into 4 vectors of 8
-// scaled weights, in permuted order. lut = {-s, 0, s, 0, -s, 0, s, 0}: vpermps reads only the
-// low 3 bits of each lane, i.e. the code plus one bit of the next field, which the repeated
-// table ignores.
+// scaled weights, in permuted order. lut = {-s, 0, s, 0, -s, 0, s, 0}: `vpermilps` (variable)
+// picks, within each 128-bit half, the entry that the low 2 bits of each lane name, i.e. exactly
+// the code; both halves hold the same 4 entries. It is an in-lane shuffle: on AMD Zen 2/3 the
+// cross-lane `vpermps` this loop used before is the bottleneck (inner loop 13.4 -> 21.7 G
+// weights/s on a Zen 3 core, benchmarks/inner_loop_ceiling.py), and on Intel both cost the same.
+// Same table entry, same bits: the results did not change.
 #define BITCPM_W_AVX2(d, s, b, lut) \
-  _mm256_permutevar8x32_ps((lut), ((8 * (b) + 2 * (s)) == 0) ? (d) : _mm256_srli_epi32((d), 8 * (b) + 2 * (s)))
+  _mm256_permutevar_ps((lut), ((8 * (b) + 2 * (s)) == 0) ? (d) : _mm256_srli_epi32((d), 8 * (b) + 2 * (s)))
 
 // A = independent accumulator chains per token (FMA latency 4 vs 1 FMA per 8 weights: with a
 // single chain a 1-token row is latency bound), chunk s feeds chain s % A.
@@ -125,15 +129,6 @@ __attribute__((target("avx2,fma"))) inline __m256i qlane8(const int32_t* ql) {
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 8)));
 }
 
-// Sum of 8 int32 lanes in int64 (int16 mode: a whole row's lanes can pass 2^31 together).
-__attribute__((target("avx2,fma"))) inline int64_t hsum256_epi32_i64(__m256i v) {
-  const __m256i w = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
-                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
-  alignas(32) int64_t t[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
-  return t[0] + t[1] + t[2] + t[3];
-}
-
 // int8: codes of chunk s (32 consecutive elements) as unsigned bytes.
 #define BITCPM_C_AVX2(d, s, m3) _mm256_and_si256((s) == 0 ? (d) : _mm256_srli_epi16((d), 2 * (s)), (m3))
 
@@ -145,21 +140,108 @@ __attribute__((target("avx2,fma"))) inline __m256i widen_dot(__m256i a, __m256i 
   return _mm256_add_epi32(_mm256_madd_epi16(a, k256), _mm256_madd_epi16(b, ones));
 }
 
+// The integer dot of one 128-weight block (codes c0..c3 of its 4 chunks) with token m's integers
+// at qm (and the low bytes at lm in int16 mode), as 8 int32 lanes.
+template <bool Int16>
+__attribute__((target("avx2,fma"))) inline __m256i block_dot(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
+                                                            const int8_t* qm, const int8_t* lm, __m256i ones,
+                                                            __m256i k256) {
+  const __m256i* q = reinterpret_cast<const __m256i*>(qm);
+  __m256i a = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(q));  // |int16 lane| <= 4*512 after 4
+  a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(q + 1)));
+  a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(q + 2)));
+  a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(q + 3)));
+  __m256i b = a;
+  if (Int16) {
+    const __m256i* l = reinterpret_cast<const __m256i*>(lm);
+    b = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(l));
+    b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(l + 1)));
+    b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(l + 2)));
+    b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(l + 3)));
+  }
+  return widen_dot<Int16>(a, b, ones, k256);
+}
+
+// Whole-row scales (G == 1, as BitCPM4), int8 and int16 modes: rows in fours. Each row's lanes
+// minus the token's per-lane sums (c.qlane) are exact signed dots, each lane and any sum of them
+// within int32 (|dot| <= kInt16Max * K < 2^31); the four rows' lanes are reduced together by
+// `vphaddd` and scaled, converted and divided as one vector, in the scalar twin's order
+// (float(dot) * scale / inv, so the same bits). Reduced one at a time (a serial tail of hsum,
+// int64 round trip, scale, divide and store per row), a 1024-wide row's tail cost about as much
+// as its 8 blocks: the op at one token ran at half its inner loop's rate (results/avx2-only/
+// int8-whole-rows-ab.txt: 0.78x the time at one token, 0.87x at 8).
+template <int MB, bool Int16>
+__attribute__((target("avx2,fma"))) void int8_whole_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i k256 = _mm256_set1_epi16(256);
+  const int8_t* qb = c.q + m0 * c.Kp;
+  const int8_t* lb = Int16 ? c.qlo + m0 * c.Kp : nullptr;
+  alignas(32) int32_t lanes[4][MB][8];  // exact per-lane dots of up to 4 rows
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    for (int r = 0; r < 4; ++r) {
+      __m256i acc[MB];
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+      if (r < rows) {  // rows past n1 stay zero and are not stored
+        const uint8_t* row = c.codes + (n + r) * c.row_bytes;
+        for (int64_t blk = 0; blk < c.nblk; ++blk) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlockBytes));
+          const __m256i c0 = BITCPM_C_AVX2(d, 0, m3), c1 = BITCPM_C_AVX2(d, 1, m3);
+          const __m256i c2 = BITCPM_C_AVX2(d, 2, m3), c3 = BITCPM_C_AVX2(d, 3, m3);
+          const int64_t off = blk * kBlockWeights;
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m)
+            acc[m] = _mm256_add_epi32(acc[m], block_dot<Int16>(c0, c1, c2, c3, qb + off + m * c.Kp,
+                                                                Int16 ? lb + off + m * c.Kp : nullptr, ones, k256));
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_sub_epi32(acc[m], qlane8(c.qlane + (m0 + m) * 16));
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[r][m]), acc[m]);
+    }
+    alignas(16) float scale[4];
+    for (int r = 0; r < 4; ++r) scale[r] = r < rows ? whole_row_scale(c, n + r) : 0.f;
+    const __m128 sv = _mm_load_ps(scale);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m256i h01 = _mm256_hadd_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[0][m])),
+                                            _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[1][m])));
+      const __m256i h23 = _mm256_hadd_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[2][m])),
+                                            _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[3][m])));
+      const __m256i h = _mm256_hadd_epi32(h01, h23);  // row r's lanes 0-3 in lane r, lanes 4-7 in lane 4 + r
+      const __m128i dot = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      const __m128 out = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), sv), _mm_set1_ps(c.inv[m0 + m]));
+      float* y = c.y + (m0 + m) * c.N + n;
+      if (rows == 4) {
+        _mm_storeu_ps(y, out);
+      } else {
+        alignas(16) float t[4];
+        _mm_store_ps(t, out);
+        for (int r = 0; r < rows; ++r) y[r] = t[r];
+      }
+    }
+  }
+}
+
 // int8 and int16 modes. Int16: the same decoded codes meet both bytes of each integer (two
 // vpmaddubsw per 32 weights and token instead of one), so the decode is shared and the sums stay
 // exact integers.
 template <int MB, bool Int16>
 __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t n0, int64_t n1, int64_t m0,
                                                          float* sbuf) {
+  if (c.G == 1) return int8_whole_rows_avx2_t<MB, Int16>(c, n0, n1, m0);
   const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i k256 = _mm256_set1_epi16(256);
   const int8_t* qb = c.q + m0 * c.Kp;
   const int8_t* lb = Int16 ? c.qlo + m0 * c.Kp : nullptr;
-  // Groups made of whole blocks (G == 1, or group_size a multiple of 128): integer accumulation
-  // over the group; group_size 32/64: flush to float per chunk / pair of chunks.
-  const bool block_groups = (c.G == 1) || (c.gs % kBlockWeights == 0);
-  const int64_t bpg = (c.G == 1) ? c.nblk : std::max<int64_t>(1, c.gs / kBlockWeights);
+  // Groups made of whole blocks (group_size a multiple of 128): integer accumulation over the
+  // group; group_size 32/64: flush to float per chunk / pair of chunks.
+  const bool block_groups = c.gs % kBlockWeights == 0;
+  const int64_t bpg = std::max<int64_t>(1, c.gs / kBlockWeights);
   for (int64_t n = n0; n < n1; ++n) {
     load_row_scales(c, n, sbuf);
     const uint8_t* row = c.codes + n * c.row_bytes;
@@ -168,7 +250,6 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
       __m256 accf[MB];
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
-      int64_t dots[MB];
       for (int64_t g0 = 0, g = 0; g0 < c.nblk; g0 += bpg, ++g) {
         const int64_t g1 = std::min(c.nblk, g0 + bpg);
         __m256i acc[MB];
@@ -180,44 +261,20 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2_t(const Ctx& c, int64_t 
           const __m256i c2 = BITCPM_C_AVX2(d, 2, m3), c3 = BITCPM_C_AVX2(d, 3, m3);
           const int64_t off = blk * kBlockWeights;
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) {
-            const __m256i* qm = reinterpret_cast<const __m256i*>(qb + off + m * c.Kp);
-            __m256i a = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qm));  // |lane| <= 4*512 after 4
-            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qm + 1)));
-            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qm + 2)));
-            a = _mm256_add_epi16(a, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qm + 3)));
-            __m256i b = a;
-            if (Int16) {
-              const __m256i* lm = reinterpret_cast<const __m256i*>(lb + off + m * c.Kp);
-              b = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(lm));
-              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(lm + 1)));
-              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(lm + 2)));
-              b = _mm256_add_epi16(b, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(lm + 3)));
-            }
-            acc[m] = _mm256_add_epi32(acc[m], widen_dot<Int16>(a, b, ones, k256));
-          }
-        }
-        if (c.G == 1) {
-#pragma GCC unroll 8
           for (int m = 0; m < MB; ++m)
-            dots[m] = (Int16 ? hsum256_epi32_i64(acc[m]) : hsum256_epi32(acc[m])) - c.qsum[(m0 + m) * c.G];
-        } else {
-          const int64_t gg = std::min(g, c.G - 1);
-          const __m256 sv = _mm256_set1_ps(sbuf[gg]);
+            acc[m] = _mm256_add_epi32(acc[m], block_dot<Int16>(c0, c1, c2, c3, qb + off + m * c.Kp,
+                                                                Int16 ? lb + off + m * c.Kp : nullptr, ones, k256));
+        }
+        const int64_t gg = std::min(g, c.G - 1);
+        const __m256 sv = _mm256_set1_ps(sbuf[gg]);
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) {
-            const __m256i exact = _mm256_sub_epi32(acc[m], qlane8(c.qlane + ((m0 + m) * c.G + gg) * 16));
-            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
-          }
+        for (int m = 0; m < MB; ++m) {
+          const __m256i exact = _mm256_sub_epi32(acc[m], qlane8(c.qlane + ((m0 + m) * c.G + gg) * 16));
+          accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), sv, accf[m]);
         }
       }
-      if (c.G == 1) {
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) out[m] = sbuf[0] * static_cast<float>(dots[m]);
-      } else {
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) out[m] = hsum256(accf[m]);
-      }
+      for (int m = 0; m < MB; ++m) out[m] = hsum256(accf[m]);
     } else {
       // group_size 32 or 64: one or two chunks per group.
       const int cpg = static_cast<int>(c.gs / 32);

@@ -10,7 +10,7 @@
 //   ternary_linear_rows.h  what a row kernel gets (Ctx), scale loading, pick_tokens
 //   row_kernels.h          every path's row kernels (decode loops), with
 //     rows_scalar.cpp      the scalar twin every SIMD path is tested against
-//     rows_avx2.cpp        fp32: `vpsrld` + `vpermps` decode, one FMA per token; int8: `vpmaddubsw`
+//     rows_avx2.cpp        fp32: `vpsrld` + `vpermilps` decode, one FMA per token; int8: `vpmaddubsw`
 //     rows_avx512.cpp      the same on 16 lanes; int8 with VNNI `vpdpbusd`
 //     rows_avx512bf16.cpp  bf16 x: `vpermw` decode, `vdpbf16ps`
 //     rows_neon.cpp        aarch64: `tbl` decode, `fmla`; int8 `sdot` / `smull`
@@ -86,7 +86,7 @@ Activations parse_activations(c10::string_view name) {
 }
 
 // The integer modes' activations for every token: q (and qlo in int16 mode), per-group sums,
-// inv, and on x86 SIMD paths with groups the per-lane sums. Owns the buffers c points into.
+// inv, and on x86 SIMD paths the per-lane sums. Owns the buffers c points into.
 struct QuantizedActivations {
   at::Tensor q, qlo, qsum, inv, qlane;
   QuantizedActivations(Ctx& c, const at::Tensor& x, Activations act, bool simd) {
@@ -98,7 +98,7 @@ struct QuantizedActivations {
     c.qlo = qlo.defined() ? qlo.data_ptr<int8_t>() : nullptr;
     c.qsum = qsum.data_ptr<int32_t>();
     c.inv = inv.data_ptr<float>();
-    if (simd && c.G > 1) {
+    if (simd) {  // G == 1 too: the AVX2 whole-row routine reduces exact per-lane dots
       qlane = at::empty({c.M, c.G, 16}, x.options().dtype(at::kInt));
       c.qlane = qlane.data_ptr<int32_t>();
     }
