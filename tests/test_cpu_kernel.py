@@ -272,6 +272,52 @@ def test_integer_modes_with_whole_row_scales_equal_the_scalar_twin_bit_for_bit(i
         assert torch.equal(kernel(x, codes, scales, k, None, acts, isa), kernel(x, codes, scales, k, None, acts, "scalar"))
 
 
+@pytest.mark.parametrize("acts", ["int8", "int16"])
+def test_whole_row_integer_modes_every_row_group_and_token_tile_equal_the_scalar_twin(isa, acts):
+    """The AVX2 integer routine reduces whole-row rows four at a time (int8_whole_rows_avx2_t):
+    every count of rows in the last group (N = 1, 2, 3, 6, 7, 35), every token tile it runs
+    (M = 2, 3, 6, 7), fp32 / fp16 / bf16 scales including negative, zero and huge ones, and an
+    all-zero row, against the scalar twin value for value (the twin writes a zero result as +0,
+    the SIMD paths as the sign of scale * 0 gives)."""
+    if isa == "scalar" or (acts == "int8" and isa != "avx2") or isa not in cpu_kernel.X86_ISAS:
+        pytest.skip("the scalar twin itself, or a path with its own epilogue")
+    k = 300
+    for n in (1, 2, 3, 6, 7, 35):
+        for m in (2, 3, 6, 7):
+            for dtype, huge in ((torch.float32, 1e30), (torch.float16, 6e4), (torch.bfloat16, 1e30)):
+                gen = torch.Generator().manual_seed(n * 100 + m)
+                trits = torch.randint(-1, 2, (n, k), generator=gen)
+                trits[n // 2] = 0  # an all-zero row
+                scales = torch.rand(n, 1, generator=gen) + 0.5
+                scales[::2] *= -1
+                scales[0] = 0.0
+                if n > 3:
+                    scales[3] = huge
+                codes = ternary.pack_codes(trits)
+                x = torch.randn(m, k, generator=gen)
+                got = kernel(x, codes, scales.to(dtype), k, None, acts, isa)
+                torch.testing.assert_close(got, kernel(x, codes, scales.to(dtype), k, None, acts, "scalar"),
+                                           rtol=0, atol=0, msg=f"N={n} M={m} {dtype}")
+                assert torch.equal(got[:, n // 2], torch.zeros(m))  # an all-zero row is exactly 0
+
+
+def test_int16_whole_rows_at_the_largest_k_in_full_row_groups(isa):
+    """K = 65536, |v| = 32639 everywhere: a full group of four rows (and three more) whose dots
+    reach +-32639 * 65536, just under 2^31, with six tokens, against the scalar twin exactly."""
+    if isa == "scalar" or isa not in cpu_kernel.X86_ISAS:
+        pytest.skip("the scalar twin itself")
+    k = 65536
+    gen = torch.Generator().manual_seed(7)
+    sign = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0)
+    x = torch.stack([sign, -sign, *(torch.randint(0, 2, (4, k), generator=gen) * 2.0 - 1.0)])
+    trits = torch.cat([torch.stack([sign, -sign]), torch.randint(-1, 2, (5, k), generator=gen).float()]).to(torch.int8)
+    codes = ternary.pack_codes(trits)
+    scales = torch.ones(7, 1)
+    y = kernel(x, codes, scales, k, None, "int16", isa)
+    assert y[0, :2].tolist() == [65536.0, -65536.0] and y[1, :2].tolist() == [-65536.0, 65536.0]
+    torch.testing.assert_close(y, kernel(x, codes, scales, k, None, "int16", "scalar"), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("group_size", [65536, 4096, 128, 32])
 def test_int16_at_its_largest_k_and_values_stays_exact(isa, group_size):
     """K = 65536 with every |v| = 32639 and t = sign(x): the dot product is 32639 * 65536, just under

@@ -23,7 +23,7 @@ void dequant_rows_scalar(const Ctx& c, int64_t n0, int64_t n1, float* out, int64
 void permute_x(const Ctx& c, float* xp);
 // AVX2 + FMA (rows_avx2.cpp). whole_row: G == 1 (per-row or per-tensor scales).
 RowFn avx2_exact_rows(int mb, bool whole_row);
-RowFn avx2_int8_rows(int mb);  // any group size >= 32; reads c.q, c.qsum / c.qlane, c.inv
+RowFn avx2_int8_rows(int mb);  // any group size >= 32; reads c.q, c.qlane, c.inv
 RowFn avx2_int16_rows(int mb);  // the same with c.qlo (int16 mode; AVX512 CPUs run it too)
 // Rows dequantized in the permuted order (the ternary GEMM's decoder).
 void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t ld, float* sbuf);

@@ -165,8 +165,9 @@ __attribute__((target("avx2,fma"))) inline __m256i block_dot(__m256i c0, __m256i
 // Whole-row scales (G == 1, as BitCPM4), int8 and int16 modes: rows in fours. Each row's lanes
 // minus the token's per-lane sums (c.qlane) are exact signed dots, each lane and any sum of them
 // within int32 (|dot| <= kInt16Max * K < 2^31); the four rows' lanes are reduced together by
-// `vphaddd` and scaled, converted and divided as one vector, in the scalar twin's order
-// (float(dot) * scale / inv, so the same bits). Reduced one at a time (a serial tail of hsum,
+// `vphaddd` and scaled, converted and divided as one vector, float(dot) * scale / inv as before
+// (the same bits as the one-row reduction; the scalar twin's values, though it writes a zero
+// result as +0 where this gives the sign of scale * 0). Reduced one at a time (a serial tail of hsum,
 // int64 round trip, scale, divide and store per row), a 1024-wide row's tail cost about as much
 // as its 8 blocks: the op at one token ran at half its inner loop's rate (results/avx2-only/
 // int8-whole-rows-ab.txt: 0.78x the time at one token, 0.87x at 8).

@@ -51,8 +51,9 @@ enum class Activations { kExact, kInt8, kInt16 };
 constexpr int32_t kInt16Max = 32639;
 // int16 mode: int32 sums must stay exact, so K is capped (BitCPM's largest K is 16384); the op
 // refuses larger K in this mode. What binds: the per-group sums of qv (qsum) and the scalar
-// twin's dot product, both <= kInt16Max * K < 2^31. The SIMD kernels' sum of codes (0..2) times
-// qv over a row reaches 2 * kInt16Max * K, so their whole-row total is summed in int64.
+// twin's dot product, both <= kInt16Max * K < 2^31. The SIMD kernels' int32 lanes hold sums of
+// codes (0..2) times qv over K/8 elements, and reduce only after the per-lane sums of qv
+// (qlane) are subtracted, when every partial sum is a dot over part of K and within the bound.
 constexpr int64_t kInt16MaxK = 65536;
 
 // A row kernel: rows [n0, n1) of y for tokens [m0, m0 + its token count); sbuf holds G floats.
