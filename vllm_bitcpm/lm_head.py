@@ -63,6 +63,19 @@ def _int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
     return torch.ops.bitcpm_cpu.int8_gemv(x, qweight, scales)
 
 
+def in_calls_of(limit: int, kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """kernel(x) for a kernel that takes up to ``limit`` tokens: x in slices of ``limit`` tokens.
+
+    Each slice streams the head again, so this pays where the alternative costs more per token
+    than a full slice does: on AVX2 CPUs, where stock's bf16 call is ATen's fallback and the int8
+    one ATen's weight-only matmul (32 tokens, AVX2 Zen 3, one thread: bf16 482 ms vs 86 in two
+    slices of bf16_gemv, int8 143 vs 44 with int8_gemv; kernels/README.md, lm_head).
+    """
+    if x.shape[0] <= limit:
+        return kernel(x)
+    return torch.cat([kernel(part) for part in x.split(limit)])
+
+
 class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
     """Embedding lookups as stock vLLM; logits through an int8 copy of the head."""
 
@@ -73,13 +86,17 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
         layer.int8_scales_by_dtype = {}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= INT8_GEMV_MAX_TOKENS and x.device.type == "cpu" and int8_gemv_available():
+        if (x.dim() == 2 and x.device.type == "cpu" and int8_gemv_available()
+                and (x.shape[0] <= INT8_GEMV_MAX_TOKENS or int8_gemv_slices_beyond())):
             global _int8_kernel_logged
             if not _int8_kernel_logged:
                 _int8_kernel_logged = True
-                logger.info("bitcpm: int8 lm_head logits for <= %d tokens through int8_gemv (%s)",
-                            INT8_GEMV_MAX_TOKENS, torch.ops.bitcpm_cpu.int8_gemv_isa())
-            logits = _int8_gemv(x, layer.int8_weight, layer.int8_scales)
+                logger.info("bitcpm: int8 lm_head logits through int8_gemv (%s) for %s",
+                            torch.ops.bitcpm_cpu.int8_gemv_isa(),
+                            f"any token count, in calls of {INT8_GEMV_MAX_TOKENS}" if int8_gemv_slices_beyond()
+                            else f"<= {INT8_GEMV_MAX_TOKENS} tokens")
+            logits = in_calls_of(INT8_GEMV_MAX_TOKENS, lambda part: _int8_gemv(part, layer.int8_weight,
+                                                                               layer.int8_scales), x)
             return logits if bias is None else logits + bias
         scales = layer.int8_scales_by_dtype.get(x.dtype)
         if scales is None:  # the ATen kernel wants scales in the activation dtype
@@ -91,6 +108,14 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
 #: Largest token count sent to ``int8_gemv`` (the kernel's limit; it beats ATen's int8 matmul at
 #: every count up to it: benchmarks/kernel_speed.py "lm_head" rows).
 INT8_GEMV_MAX_TOKENS = 16
+#: Kernel ISA paths on which larger batches go to the kernel in calls of its limit rather than to
+#: ATen (measured there: in_calls_of); elsewhere ATen takes them.
+SLICED_PATHS = ("avx2",)
+
+
+@functools.cache
+def int8_gemv_slices_beyond() -> bool:
+    return int8_gemv_available() and str(torch.ops.bitcpm_cpu.int8_gemv_isa()) in SLICED_PATHS
 
 
 @functools.cache
@@ -105,7 +130,7 @@ def int8_gemv_available() -> bool:
 #: oneDNN at 1 and 2 tokens and loses from 4 on, where the matmul stops being a pure memory
 #: stream; on AVX2 (AVX2 mode: ATen's bf16 F.linear, as oneDNN has no bf16 matmul there) it wins
 #: at 1, 2, 4, 10 and 16 tokens in three runs (1.1-1.2x at one token, 1.4-1.6x from two on), so
-#: it takes every count the kernel accepts.
+#: it takes every count, larger batches in calls of 16 (the kernel's limit; in_calls_of).
 BF16_GEMV_MAX_TOKENS = {"avx512bf16": 2, "avx2": 16}
 
 
@@ -131,18 +156,25 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.bitcpm_cpu.bf16_gemv(x, weight)
 
 
+@functools.cache
+def bf16_gemv_slices_beyond() -> bool:
+    return bool(bf16_gemv_max_tokens()) and str(torch.ops.bitcpm_cpu.bf16_gemv_isa()) in SLICED_PATHS
+
+
 def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of up to bf16_gemv_max_tokens() bf16 tokens from the bf16 head, streamed once."""
+    """Logits of up to bf16_gemv_max_tokens() bf16 tokens from the bf16 head, streamed once (on
+    AVX2 CPUs any number, in calls of that many)."""
     weight = layer.weight
-    if (x.dim() == 2 and x.shape[0] <= bf16_gemv_max_tokens() and x.dtype == torch.bfloat16
+    limit = bf16_gemv_max_tokens()
+    if (x.dim() == 2 and (x.shape[0] <= limit or bf16_gemv_slices_beyond()) and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.is_contiguous()
             and self.bitcpm_active()):
         global _kernel_logged
         if not _kernel_logged:
             _kernel_logged = True
-            logger.info("bitcpm: lm_head logits for <= %d tokens through bf16_gemv (%s)", bf16_gemv_max_tokens(),
-                        torch.ops.bitcpm_cpu.bf16_gemv_isa())
-        logits = _gemv(x, weight)
+            logger.info("bitcpm: lm_head logits through bf16_gemv (%s) for %s", torch.ops.bitcpm_cpu.bf16_gemv_isa(),
+                        f"any token count, in calls of {limit}" if bf16_gemv_slices_beyond() else f"<= {limit} tokens")
+        logits = in_calls_of(limit, lambda part: _gemv(part, weight), x)
         return logits if bias is None else logits + bias
     return super(type(self), self).apply(layer, x, bias)
 
