@@ -298,6 +298,9 @@ def test_whole_row_integer_modes_every_row_group_and_token_tile_equal_the_scalar
                 got = kernel(x, codes, scales.to(dtype), k, None, acts, isa)
                 torch.testing.assert_close(got, kernel(x, codes, scales.to(dtype), k, None, acts, "scalar"),
                                            rtol=0, atol=0, msg=f"N={n} M={m} {dtype}")
+                # and the independent float64 oracle: exact integer dots, one fp32 scale and divide
+                expected = integer_oracle(x, trits, scales.to(dtype), k, acts=acts)
+                assert (got.double() - expected).abs().le(1e-6 * expected.abs() + 1e-30).all(), f"N={n} M={m} {dtype}"
                 assert torch.equal(got[:, n // 2], torch.zeros(m))  # an all-zero row is exactly 0
 
 
@@ -316,6 +319,8 @@ def test_int16_whole_rows_at_the_largest_k_in_full_row_groups(isa):
     y = kernel(x, codes, scales, k, None, "int16", isa)
     assert y[0, :2].tolist() == [65536.0, -65536.0] and y[1, :2].tolist() == [-65536.0, 65536.0]
     torch.testing.assert_close(y, kernel(x, codes, scales, k, None, "int16", "scalar"), rtol=0, atol=0)
+    expected = integer_oracle(x, trits, scales, k, acts="int16")  # float64, independent of both
+    assert (y.double() - expected).abs().le(1e-6 * expected.abs()).all()
 
 
 @pytest.mark.parametrize("group_size", [65536, 4096, 128, 32])

@@ -93,8 +93,7 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
                 _int8_kernel_logged = True
                 logger.info("bitcpm: int8 lm_head logits through int8_gemv (%s) for %s",
                             torch.ops.bitcpm_cpu.int8_gemv_isa(),
-                            f"any token count, in calls of {INT8_GEMV_MAX_TOKENS}" if int8_gemv_slices_beyond()
-                            else f"<= {INT8_GEMV_MAX_TOKENS} tokens")
+                            _routing(INT8_GEMV_MAX_TOKENS, int8_gemv_slices_beyond()))
             logits = in_calls_of(INT8_GEMV_MAX_TOKENS, lambda part: _int8_gemv(part, layer.int8_weight,
                                                                                layer.int8_scales), x)
             return logits if bias is None else logits + bias
@@ -109,8 +108,14 @@ class Int8LMHeadMethod(UnquantizedEmbeddingMethod):
 #: every count up to it: benchmarks/kernel_speed.py "lm_head" rows).
 INT8_GEMV_MAX_TOKENS = 16
 #: Kernel ISA paths on which larger batches go to the kernel in calls of its limit rather than to
-#: ATen (measured there: in_calls_of); elsewhere ATen takes them.
+#: ATen / vLLM's call (measured there: in_calls_of). AVX512-BF16 CPUs keep oneDNN's bf16 matmul
+#: past 2 tokens (it won there); AVX512 int8 past 16 tokens was not measured against ATen.
 SLICED_PATHS = ("avx2",)
+
+
+def _routing(limit: int, sliced: bool) -> str:
+    """What the head's kernel takes, for the engine log."""
+    return f"any token count, in calls of {limit}" if sliced else f"<= {limit} tokens"
 
 
 @functools.cache
@@ -173,7 +178,7 @@ def _streaming_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.
         if not _kernel_logged:
             _kernel_logged = True
             logger.info("bitcpm: lm_head logits through bf16_gemv (%s) for %s", torch.ops.bitcpm_cpu.bf16_gemv_isa(),
-                        f"any token count, in calls of {limit}" if bf16_gemv_slices_beyond() else f"<= {limit} tokens")
+                        _routing(limit, bf16_gemv_slices_beyond()))
         logits = in_calls_of(limit, lambda part: _gemv(part, weight), x)
         return logits if bias is None else logits + bias
     return super(type(self), self).apply(layer, x, bias)

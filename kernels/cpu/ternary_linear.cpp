@@ -86,10 +86,11 @@ Activations parse_activations(c10::string_view name) {
 }
 
 // The integer modes' activations for every token: q (and qlo in int16 mode), per-group sums,
-// inv, and on x86 SIMD paths the per-lane sums. Owns the buffers c points into.
+// inv, and where the row kernel reads them (lane_sums) the per-lane sums. Owns the buffers c
+// points into.
 struct QuantizedActivations {
   at::Tensor q, qlo, qsum, inv, qlane;
-  QuantizedActivations(Ctx& c, const at::Tensor& x, Activations act, bool simd) {
+  QuantizedActivations(Ctx& c, const at::Tensor& x, Activations act, bool simd, bool lane_sums) {
     q = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
     if (act == Activations::kInt16) qlo = at::empty({c.M, c.Kp}, x.options().dtype(at::kChar));
     qsum = at::empty({c.M, c.G}, x.options().dtype(at::kInt));
@@ -98,7 +99,7 @@ struct QuantizedActivations {
     c.qlo = qlo.defined() ? qlo.data_ptr<int8_t>() : nullptr;
     c.qsum = qsum.data_ptr<int32_t>();
     c.inv = inv.data_ptr<float>();
-    if (simd) {  // G == 1 too: the AVX2 whole-row routine reduces exact per-lane dots
+    if (simd && lane_sums) {
       qlane = at::empty({c.M, c.G, 16}, x.options().dtype(at::kInt));
       c.qlane = qlane.data_ptr<int32_t>();
     }
@@ -162,7 +163,7 @@ void run_neon(Ctx& c, const at::Tensor& x, at::Tensor& y32, Activations act, Isa
     }
     return;
   }
-  const QuantizedActivations qa(c, x, act, /*simd=*/false);
+  const QuantizedActivations qa(c, x, act, /*simd=*/false, /*lane_sums=*/false);
   if (act == Activations::kInt16) {  // no NEON int16 kernel: the scalar twin (the plugin does not pick it)
     run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
       int8_rows_scalar(c, a, b, m0, m0 + mb, s);
@@ -345,20 +346,23 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           decode_loops(c);
         }
       } else {
-        const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar);
+        // AVX512 int8 needs VNNI (vpdpbusd) and whole 64-element halves per group; otherwise
+        // the AVX2 routine runs (it handles group_size 32). int16: the AVX2 routine on every x86
+        // SIMD path (an AVX512 twin is not written yet).
+        const bool use512 = act == Activations::kInt8 && isa >= Isa::kAvx512 && cpu_has_vnni() &&
+                            (G == 1 || group_size >= 64);
+        // Per-lane sums: every AVX2 integer kernel reads them, the AVX512 one only with groups
+        // (with whole-row scales it subtracts the per-row sum c.qsum).
+        const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar, /*lane_sums=*/!use512 || G > 1);
         if (isa == Isa::kScalar) {
           run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
             int8_rows_scalar(c, a, b, m0, m0 + mb, s);
           });
         } else if (act == Activations::kInt16) {
-          // One AVX2 routine for every x86 SIMD path (an AVX512 twin is not written yet).
           run_rows(c, token_tile(Isa::kAvx2, true), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
             avx2_int16_rows(static_cast<int>(mb))(c, a, b, m0, s);
           });
         } else {
-          // AVX512 int8 needs VNNI (vpdpbusd) and whole 64-element halves per group; otherwise
-          // the AVX2 routine runs (it handles group_size 32).
-          const bool use512 = isa >= Isa::kAvx512 && cpu_has_vnni() && (G == 1 || group_size >= 64);
           const Isa eff = use512 ? Isa::kAvx512 : Isa::kAvx2;
           const int mbt = token_tile(eff, true);
           run_rows(c, mbt, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
