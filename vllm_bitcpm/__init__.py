@@ -31,6 +31,9 @@ def register() -> None:
     register_config()
     # Importing the module runs @register_quantization_config("bitcpm").
     import vllm_bitcpm.quantization  # noqa: F401
+    from vllm_bitcpm.environment import declare_to_vllm
+
+    declare_to_vllm()  # before EngineArgs validates the environment and keys the compile cache
 
     for architecture in (ARCHITECTURE, *TAKEN_OVER_ARCHITECTURES):
         ModelRegistry.register_model(architecture, "vllm_bitcpm.model:BitCPMForCausalLM")
