@@ -30,6 +30,8 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from vllm_bitcpm.testing import zentorch_site  # noqa: E402  (no vLLM or torch import)
+
 RESULTS_DIR = HERE / "results"
 
 #: (name, plugin enabled, extra environment, engine settings it overrides): stock, the default
@@ -46,6 +48,10 @@ SIDES = [
     ("plugin-int16", True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"}, {}),
     ("stock-fp32", False, {}, {"dtype": "float32"}),
     ("plugin-fp32", True, {}, {"dtype": "float32"}),
+    # zentorch importable (vllm_bitcpm/testing/zentorch_site.py): AMD Zen CPUs with AVX512 run
+    # vLLM's ZenCpuPlatform, stock's dense layers through ZenDNN; the JSON records the platform
+    ("stock-zentorch", False, zentorch_site.env(), {}),
+    ("plugin-zentorch", True, zentorch_site.env(), {}),
 ]
 SIDE_NAMES = [name for name, *_ in SIDES]
 #: What runs unless --sides says otherwise (report.py --isa avx2 adds stock-fp32, a target's baseline).
@@ -63,6 +69,8 @@ SIDE_LABELS = {
     "plugin-int16": "vLLM + bitcpm int16 act. + int8 head",
     "stock-fp32": "stock vLLM float32",
     "plugin-fp32": "vLLM + bitcpm float32",
+    "stock-zentorch": "stock vLLM + zentorch",
+    "plugin-zentorch": "vLLM + bitcpm + zentorch",
     # peers measured in the same run (benchmarks/llama_cpp_peer.py)
     "llama.cpp-f16": "llama.cpp TQ2_0",
     "llama.cpp-q8_0": "llama.cpp TQ2_0 + Q8_0 head",

@@ -18,6 +18,11 @@
 #  5. Optional: Debian's aarch64 cross compiler, for the suite's check that kernels/cpu/ compiles
 #     on Arm (tests/test_cross_compile.py; skipped without it). Only as root with apt-get; a
 #     failure here is reported and setup goes on.
+#  6. x86_64: AMD's zentorch (the torch 2.13 build) into $VENV/zentorch-site, a folder
+#     that is not on the venv's path: vLLM switches to its ZenCpuPlatform wherever zentorch imports on an AMD
+#     CPU with AVX512, which would change every stock engine of the suite. Benchmark sides
+#     stock-zentorch / plugin-zentorch and tests/test_zen_platform.py put it on PYTHONPATH
+#     (vllm_bitcpm/testing/zentorch_site.py). A failure here is reported and setup goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
@@ -53,4 +58,12 @@ elif ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y
     echo "setup-cpu: apt-get could not install g++-aarch64-linux-gnu (see above); going on without it" \
          "(tests/test_cross_compile.py will skip its aarch64 checks)"
 fi
+ZENTORCH_SITE="$VENV/zentorch-site"
+if [ "$(uname -m)" != x86_64 ]; then
+    echo "setup-cpu: $(uname -m): no zentorch (AMD's plugin is x86_64 only)"
+elif ! "${PIP[@]}" install -q --no-deps --upgrade --target "$ZENTORCH_SITE" "zentorch==2.13.*" deprecated wrapt; then
+    echo "setup-cpu: could not install zentorch into $ZENTORCH_SITE; going on without it" \
+         "(tests/test_zen_platform.py skips)"
+fi
+
 echo "setup-cpu: done. Activate with: source $VENV/bin/activate"

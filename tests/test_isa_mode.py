@@ -7,6 +7,7 @@ its AVX2 ``_C`` build."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,16 @@ def test_native_mode_is_the_machine_as_it_is():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown ISA mode 'avx1024'"):
         isa_mode.isa_mode_env("avx1024")
+
+
+def test_engine_child_env_prepends_a_sides_pythonpath(monkeypatch):
+    """A side's PYTHONPATH (zentorch's folder) goes in front of the inherited one (AVX2 mode's
+    sitecustomize folder), so neither is lost; every other variable of the side wins as given."""
+    from vllm_bitcpm.testing.sidebyside import child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/inherited/a:/inherited/b")
+    env = child_env(plugin=False, extra_env={"PYTHONPATH": "/side", "VLLM_BITCPM_ISA": "avx2"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/side", "/inherited/a", "/inherited/b"]
+    assert env["VLLM_BITCPM_ISA"] == "avx2" and env["VLLM_PLUGINS"] == ""
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env(plugin=True, extra_env={"PYTHONPATH": "/side"})["PYTHONPATH"] == "/side"

@@ -77,6 +77,14 @@ def _loaded_vllm_c_library() -> str | None:
     return ",".join(sorted(names)) or None
 
 
+def _vllm_platform_class() -> str | None:
+    if "vllm" not in sys.modules:
+        return None
+    from vllm.platforms import current_platform
+
+    return type(current_platform).__name__
+
+
 def isa_paths() -> dict[str, Any]:
     """The ISA paths this process actually runs, for benchmark JSON: ATen's capability, the
     caps in the environment, the plugin's kernels (where this process loaded them: never in a
@@ -90,6 +98,8 @@ def isa_paths() -> dict[str, Any]:
         "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
         "torch_sees_avx512": bool(torch.cpu._is_avx512_supported()),
         "torch_sees_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        # CpuPlatform, or ZenCpuPlatform (dense layers through zentorch) where vLLM took it
+        "vllm_platform": _vllm_platform_class(),
     }
     if "vllm_bitcpm.ops" not in sys.modules:  # a stock engine: the plugin's kernels never loaded
         info["vllm_c_library"] = _loaded_vllm_c_library()

@@ -50,11 +50,16 @@ def default_llm_kwargs() -> dict[str, Any]:
 
 
 def child_env(plugin: bool, extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of an engine child: plugin on or off, engine in-process unless told otherwise."""
+    """Environment of an engine child: plugin on or off, engine in-process unless told otherwise.
+    ``extra_env`` wins, except that its PYTHONPATH goes in front of the inherited one."""
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = PLUGIN_NAME if plugin else ""
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.update(extra_env or {})
+    extra = dict(extra_env or {})
+    if "PYTHONPATH" in extra:
+        paths = [p for p in (extra.pop("PYTHONPATH"), env.get("PYTHONPATH", "")) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
     return env
 
 
