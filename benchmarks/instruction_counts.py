@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/instruction_counts.py --isa avx2 scalar --shapes o down --tokens 1
 
 Why: wall-clock timings on this shared 2-core VM move by up to ~40% between runs, while
-callgrind's instruction counts repeat exactly for the same binary and inputs, whatever else the
-machine is doing. So a kernel change is judged first by what it executes per weight. Each case is
+callgrind's instruction counts repeat to within ~0.2% for the same binary and inputs (allocator
+paths vary a little), whatever else the machine is doing. So a kernel change is judged first by what it executes per weight. Each case is
 one child process under ``valgrind --tool=callgrind --toggle-collect`` on ``ternary_linear_impl``
-(only the op's C++ body and what it calls are counted: the Python dispatch is not), one thread,
+(only the op's C++ body and what it calls are counted: the Python dispatch is not; instrumentation
+is switched on by ``callgrind_control`` after the imports, which makes a case ~2x faster), one thread,
 the ISA path forced with VLLM_BITCPM_ISA, bf16 activations as vLLM runs BitCPM4, per-row scales.
 Instructions are not time (a shuffle and an FMA count alike), so read these beside
 benchmarks/kernel_speed.py. Valgrind 3.19's virtual CPU has no AVX512 (cpuid reports none, so the
@@ -51,6 +52,9 @@ def child(shape: str, tokens: int, calls: int, activations: str) -> None:
     codes = ternary.pack_codes(torch.randint(-1, 2, (n, k), generator=gen))
     scales = (torch.rand(n, 1, generator=gen) + 0.5).to(torch.bfloat16)
     x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
+    # valgrind starts without instrumentation (--instr-atstart=no: Python and torch import ~4x
+    # faster); callgrind_control switches it on for the calls, vgdb reaching us while we wait.
+    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], check=True, capture_output=True)
     for _ in range(calls):
         torch.ops.bitcpm.ternary_linear(x, codes, scales, k, None, activations)
     from vllm_bitcpm.ops import cpu as cpu_kernel
@@ -62,7 +66,7 @@ def count(isa: str, shape: str, tokens: int, calls: int, activations: str) -> in
     """Instructions callgrind collected inside the op's C++ body for ``calls`` calls."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VLLM_BITCPM_ISA": isa, "OMP_NUM_THREADS": "1"}
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
+        argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/out",
                 *(f"--toggle-collect={pattern}" for pattern in TOGGLE_PATTERNS), sys.executable, str(Path(__file__).resolve()),
                 "--child", shape, str(tokens), str(calls), activations]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
