@@ -153,3 +153,7 @@ print(json.dumps({{"names": names, "keys": keys, "refused": refused}}))
     sources = [*sorted((root / "vllm_bitcpm").rglob("*.py")), root / "setup.py"]
     used = {m for path in sources for m in re.findall(r"VLLM_BITCPM_[A-Z0-9_]+", path.read_text())}
     assert used - set(info["names"]) == set(), "declare these in vllm_bitcpm/environment.py"
+    from vllm_bitcpm import environment
+    from vllm_bitcpm.ops import npu
+
+    assert environment.NPU_WEIGHT_FORMAT == npu.WEIGHT_FORMAT_ENV

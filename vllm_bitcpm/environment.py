@@ -15,6 +15,10 @@ from __future__ import annotations
 import functools
 import os
 
+#: vllm_bitcpm/ops/npu.py's WEIGHT_FORMAT_ENV, named here because importing that module imports
+#: torch_npu, which register() must not do in every process (tests check the two agree).
+NPU_WEIGHT_FORMAT = "VLLM_BITCPM_NPU_WEIGHT"
+
 #: Read by tests and build scripts, not by the running plugin, but set in users' shells too.
 TESTING_AND_BUILD_VARIABLES = (
     "VLLM_BITCPM_EMULATE_CPU",  # vllm_bitcpm/testing/: AVX2 mode (isa_mode.py), an AVX512 Zen (zentorch_site.py)
@@ -25,10 +29,10 @@ TESTING_AND_BUILD_VARIABLES = (
 def plugin_variables() -> tuple[str, ...]:
     """Every ``VLLM_BITCPM_*`` name the package reads, runtime ones first."""
     from vllm_bitcpm import backends, cpu_fused, lm_head, quantization
-    from vllm_bitcpm.ops import cpu, npu
+    from vllm_bitcpm.ops import cpu
 
     runtime = (quantization.ACTIVATIONS_ENV, lm_head.LM_HEAD_ENV, backends.BACKEND_ENV, cpu.ISA_ENV,
-               cpu_fused.FUSED_ENV, npu.WEIGHT_FORMAT_ENV)
+               cpu_fused.FUSED_ENV, NPU_WEIGHT_FORMAT)
     return runtime + TESTING_AND_BUILD_VARIABLES
 
 
