@@ -36,7 +36,9 @@ RESULTS = HERE / "results" / "instruction_counts.json"
 # ("ternary_linear_impl(...)::{lambda...}", "run_rows<...ternary_linear_impl(...)...>"), and a
 # nested match toggles collection off again, so the patterns stop at the signature's end.
 TOGGLE_PATTERNS = ("*ternary_linear_impl(*Isa)", "*ternary_linear_impl(*Isa) [clone *")
-SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024)}
+SHAPES = {"qkv": (1024, 1280), "o": (1024, 1024), "gate_up": (1024, 8192), "down": (4096, 1024),
+          # 16 rows of one block: what a call costs besides its rows (allocations, copies, checks)
+          "fixed": (128, 16)}
 
 
 def child(shape: str, tokens: int, calls: int, activations: str) -> None:

@@ -4,7 +4,7 @@
 
 Stock vLLM's calls (the bf16 `F.linear`, which on AVX2 CPUs is ATen's bf16 fallback; ATen's
 weight-only int8 matmul for the int8 head) against the plugin's `bf16_gemv` / `int8_gemv` called
-on slices of 16 tokens (`vllm_bitcpm.lm_head.in_calls_of`), one thread, ms per call (min of 3).
+on slices of 16 tokens (`vllm_bitcpm.lm_head.in_calls_of`), one thread, ms per call (min of 3, in turn).
 Where vllm_bitcpm/lm_head.py slices larger batches (SLICED_PATHS) comes from this.
 """
 
@@ -12,20 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def best_ms(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+from prefill_gemm import min_ms_interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -46,12 +37,12 @@ def main() -> None:
     print(f"bf16_gemv path {torch.ops.bitcpm_cpu.bf16_gemv_isa()}, int8_gemv path {torch.ops.bitcpm_cpu.int8_gemv_isa()}")
     for m in args.tokens:
         x = torch.randn(m, 1024).to(torch.bfloat16)
-        row = {
-            "F.linear bf16": best_ms(lambda: torch.nn.functional.linear(x, w)),
-            "bf16_gemv in calls of 16": best_ms(lambda: lm_head.in_calls_of(16, lambda p: torch.ops.bitcpm_cpu.bf16_gemv(p, w), x)),
-            "ATen _weight_int8pack_mm": best_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q, s16)),
-            "int8_gemv in calls of 16": best_ms(lambda: lm_head.in_calls_of(16, lambda p: torch.ops.bitcpm_cpu.int8_gemv(p, q, s), x)),
-        }
+        row = min_ms_interleaved({
+            "F.linear bf16": lambda: torch.nn.functional.linear(x, w),
+            "bf16_gemv in calls of 16": lambda: lm_head.in_calls_of(16, lambda p: torch.ops.bitcpm_cpu.bf16_gemv(p, w), x),
+            "ATen _weight_int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s16),
+            "int8_gemv in calls of 16": lambda: lm_head.in_calls_of(16, lambda p: torch.ops.bitcpm_cpu.int8_gemv(p, q, s), x),
+        }, repeats=3)
         print(m, {k: round(v, 1) for k, v in row.items()})
 
 

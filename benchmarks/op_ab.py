@@ -17,9 +17,6 @@ import argparse
 import sys
 import time
 
-SHAPES = {"qkv": (1280, 1024), "o": (1024, 1024), "gate_up": (8192, 1024), "down": (1024, 4096)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="checkout whose vllm_bitcpm (and built kernel) to time")
@@ -29,6 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, args.root)
     import torch
+    from prefill_gemm import SHAPES  # the four layer shapes, (N, K)
 
     import vllm_bitcpm
     from vllm_bitcpm import ops, ternary
