@@ -272,6 +272,32 @@ def test_integer_modes_with_whole_row_scales_equal_the_scalar_twin_bit_for_bit(i
         assert torch.equal(kernel(x, codes, scales, k, None, acts, isa), kernel(x, codes, scales, k, None, acts, "scalar"))
 
 
+@pytest.mark.parametrize("m", [16, 31, 32, 33, 64, 200])
+def test_int8_gemm_equals_the_scalar_twin_bit_for_bit(isa, m):
+    """From 16 tokens with whole-row scales, int8 mode on AVX512-VNNI CPUs runs the int8 ternary
+    GEMM (kernels/cpu/ternary_gemm.cpp: u8 x s8 brgemm on 32-row tiles in the VNNI layout, 32
+    tokens per call, the +128 offset removed with each row's sum of t); its epilogue is the scalar
+    twin's arithmetic, so the results must be the same bits. K off the 64/128 grids and 2 K blocks,
+    N = 2 whole tiles and a partial one; negative, zero and huge scales, an all-zero row, a zero token."""
+    if isa not in ("avx512", "avx512bf16"):
+        pytest.skip("the int8 GEMM runs on the AVX512 paths (with VNNI)")
+    for k in (300, 1500):
+        gen = torch.Generator().manual_seed(k + m)
+        trits = torch.randint(-1, 2, (77, k), generator=gen)
+        trits[5] = 0
+        scales = torch.rand(77, 1, generator=gen) + 0.5
+        scales[::3] *= -1
+        scales[1] = 0.0
+        scales[2] = 1e30
+        codes = ternary.pack_codes(trits)
+        x = torch.randn(m, k, generator=gen)
+        x[m // 2] = 0
+        for dtype in (torch.bfloat16, torch.float32):
+            got = kernel(x.to(dtype), codes, scales.to(dtype), k, None, "int8", isa)
+            want = kernel(x.to(dtype), codes, scales.to(dtype), k, None, "int8", "scalar")
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"K={k} M={m} {dtype}")
+
+
 @pytest.mark.parametrize("acts", ["int8", "int16"])
 def test_whole_row_integer_modes_every_row_group_and_token_tile_equal_the_scalar_twin(isa, acts):
     """The AVX2 integer routine reduces whole-row rows four at a time (int8_whole_rows_avx2_t):

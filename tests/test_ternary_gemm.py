@@ -2,7 +2,8 @@
 
 Several tokens run different code than one (the per-row decode loops below kFusedGemmMinM
 tokens, the ternary GEMM of kernels/cpu/ternary_gemm.cpp above it, with token tiles of 8/16/24
-and zero-padded tails, and the bf16 tile GEMM on AVX512-BF16), so the batch sizes around every
+and zero-padded tails, and the bf16 GEMM on AVX512-BF16 from 32 tokens: 32-row tiles in the
+VNNI layout, 32 tokens per call), so the batch sizes around every
 boundary are checked: 1..16, 31..33, 64, 200 and 513 tokens, each granularity BitCPM uses (one
 scale per tensor, per row, per group of 32..256) and K, N off every block grid. A hypothesis
 sweep adds random shapes per path (`pytest --hypothesis-profile=long` for 1000 per path).
@@ -75,13 +76,15 @@ def test_every_batch_size_matches_float64(isa, m, granularity):  # noqa: F811
     check_exact(x.to(torch.bfloat16), codes, scales, gs, w64, isa)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [8, 10, 24, 40, 252])
-def test_model_layer_shape_and_fp32_scales(isa, m):  # noqa: F811
-    """A BitCPM4-0.5B-sized K (4096, the down projection: several K blocks of the GEMM) and
-    float32 scales (no bf16 tile path), bf16 and fp32 activations."""
+def test_model_layer_shape(isa, m, scale_dtype):  # noqa: F811
+    """A BitCPM4-0.5B-sized K (4096, the down projection: several K blocks of the GEMM), 80 rows
+    (two whole 32-row tiles of the bf16 GEMM and a partial one), float32 scales (no bf16 GEMM)
+    and bf16 ones (the bf16 GEMM from 32 tokens on AVX512-BF16), bf16 and fp32 activations."""
     if isa == "scalar":
         pytest.skip("the scalar path is covered at small shapes")
-    codes, scales, gs, w64 = layer(48, 4096, "row", scale_dtype=torch.float32, seed=m)
+    codes, scales, gs, w64 = layer(80, 4096, "row", scale_dtype=scale_dtype, seed=m)
     x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m))
     check_exact(x, codes, scales, gs, w64, isa)
     check_exact(x.to(torch.bfloat16), codes, scales, gs, w64, isa)

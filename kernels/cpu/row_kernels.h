@@ -31,14 +31,21 @@ void dequant_rows_avx2(const Ctx& c, int64_t n0, int64_t n1, float* out, int64_t
 // AVX2 routine (store bound).
 RowFn avx512_exact_rows(int mb, bool whole_row);
 RowFn avx512_vnni_int8_rows(int mb);
+// The GEMMs' helpers (ternary_gemm.cpp). vnni_pack: nr rows of `words` 32-bit words (at ld words)
+// as brgemm's VNNI B, [words][nb] (rows past nr zero; words and nb multiples of 16); a word is a
+// bf16 pair or an int8 quad of one row. decode_rows_s8 (AVX2): rows [n0, n1) as int8 t in
+// natural order (Kp bytes at out + (n - n0) * ld, padding 0) and each row's sum of t.
+void vnni_pack(const uint32_t* rows, int64_t ld, int64_t nr, int64_t words, int64_t nb, uint32_t* out);
+void decode_rows_s8(const Ctx& c, int64_t n0, int64_t n1, int8_t* out, int64_t ld, int32_t* sums);
 
 // ---- AVX512-BF16, exact mode with bf16 x (rows_avx512bf16.cpp): x in the bf16 decode order
 // (permute_x_bf16) in c.xb, Kc = chunks * kChunkWeights; needs G == 1 or group_size >= 128.
 constexpr int64_t kChunkWeights = 256;
 void permute_x_bf16(const Ctx& c, const uint16_t* x, uint16_t* xb);
 RowFn bf16_exact_rows(int mb, bool whole_row);
-// Rows dequantized to bf16 (t * s exact; bf16 scales) in the order of xb, for prefill's at::mm.
-void dequant_rows_bf16(const Ctx& c, int64_t n0, int64_t n1, uint16_t* out);
+// Rows dequantized to bf16 (t * s exact; bf16 scales) in the order of xb, row n at
+// out + (n - n0) * ld (the bf16 ternary GEMM's decoder).
+void dequant_rows_bf16(const Ctx& c, int64_t n0, int64_t n1, uint16_t* out, int64_t ld);
 
 // ---- aarch64 (rows_neon.cpp): x and q in natural order, zero padded to Kp.
 // Exact mode: reads c.xp; whole_row: G == 1.

@@ -6,6 +6,8 @@
 //     broadcast to both halves and shifted per half with `vpsrlvd`, then `vpermps` and one FMA
 //     per token. Valgrind has no AVX512, so this path is tested against float64, not counted.
 //   dequant: none of its own; the AVX2 routine (rows_avx2.cpp) is store bound and shares the layout.
+//   the GEMMs' helpers (ternary_gemm.cpp): vnni_pack (rows into brgemm's VNNI layout, bf16 and
+//     int8) and decode_rows_s8 (int8 mode: rows as int8 t, natural order, and their sums).
 //   int8 mode (needs VNNI and group_size >= 64): 64 codes per `vpsrlvw` + `vpand` from a 32-byte
 //     word broadcast to both halves, one `vpdpbusd(codes, q)` per 64 weights per token (exact
 //     u8*s8 sums), two chains per token, group offsets subtracted as integers.
@@ -177,9 +179,77 @@ RowFn avx512_exact_rows(int mb, bool whole_row) {
 
 RowFn avx512_vnni_int8_rows(int mb) { return pick_tokens<Int8Avx512Vnni>(mb); }
 
+// Rows of 32-bit words (nr rows of `words` words at ld words) rearranged into brgemm's VNNI
+// layout for B: [words][nb], word (k, i) = row i's word k; rows nr..nb-1 zero. A word is a bf16
+// pair (2k, 2k+1) or an int8 quad (4k..4k+3) of one row, so this is a transpose of words, done
+// 16 x 16 at a time in registers (unpack 32 / 64, then two 128-bit lane shuffles: 64 instructions
+// per 256 words). words is a multiple of 16, nb of 16.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void vnni_pack(const uint32_t* src, int64_t ld, int64_t nr,
+                                                                     int64_t words, int64_t nb, uint32_t* dst) {
+  for (int64_t i0 = 0; i0 < nb; i0 += 16) {
+    for (int64_t k = 0; k < words; k += 16) {
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i0 + i < nr ? _mm512_loadu_si512(src + (i0 + i) * ld + k) : _mm512_setzero_si512();
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      for (int h = 0; h < 16; h += 8) {
+        for (int i = 0; i < 4; ++i) {
+          t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+          t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+      }
+      for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+      }
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (k + j) * nb + i0, r[j]);
+    }
+  }
+}
+
+// int8 GEMM's decoder: rows [n0, n1) as ternary int8 t in natural order (Kp bytes, padding t = 0)
+// at out + (n - n0) * ld, and each row's sum of t in sums[n - n0]. Per 32-byte block, bit pair s
+// of byte j is element 32s + j, so four shift/mask/subtract steps write the block in order; the
+// sums come from `vpsadbw` over the codes (sum of codes minus Kp).
+__attribute__((target("avx2"))) void decode_rows_s8(const Ctx& c, int64_t n0, int64_t n1, int8_t* out, int64_t ld,
+                                                    int32_t* sums) {
+  const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    int8_t* o = out + (n - n0) * ld;
+    __m256i codesum = _mm256_setzero_si256();
+    for (int64_t b = 0; b < c.nblk; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlockBytes));
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m256i code = _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), three);
+        codesum = _mm256_add_epi64(codesum, _mm256_sad_epu8(code, _mm256_setzero_si256()));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + b * kBlockWeights + 32 * s), _mm256_sub_epi8(code, one));
+      }
+    }
+    const int64_t total = _mm256_extract_epi64(codesum, 0) + _mm256_extract_epi64(codesum, 1) +
+                          _mm256_extract_epi64(codesum, 2) + _mm256_extract_epi64(codesum, 3);
+    sums[n - n0] = static_cast<int32_t>(total - c.Kp);
+  }
+}
+
+
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
 RowFn avx512_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("avx512_exact_rows"); }
 RowFn avx512_vnni_int8_rows(int) { BITCPM_NO_SIMD_PATH("avx512_vnni_int8_rows"); }
+void vnni_pack(const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { BITCPM_NO_SIMD_PATH("vnni_pack"); }
+void decode_rows_s8(const Ctx&, int64_t, int64_t, int8_t*, int64_t, int32_t*) {
+  BITCPM_NO_SIMD_PATH("decode_rows_s8");
+}
 #endif  // BITCPM_X86
 
 }  // namespace bitcpm_cpu

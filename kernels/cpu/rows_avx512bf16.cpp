@@ -11,8 +11,8 @@
 // so this path needs G == 1 or group_size >= 128 (others take the fp32 path).
 //
 // Figures (instruction mix, the "two tables" decode): benchmarks/inner_loop_ceiling.py and
-// kernels/README.md. Prefill (M >= 32) dequantizes rows straight to bf16 for at::mm
-// (dequant_rows_bf16).
+// kernels/README.md. Prefill (M >= 32) dequantizes rows straight to bf16 (dequant_rows_bf16) and
+// rearranges them into the VNNI layout (vnni_pack, rows_avx512.cpp) for the bf16 ternary GEMM (ternary_gemm.cpp).
 
 #include "row_kernels.h"
 
@@ -247,11 +247,12 @@ RowFn bf16_exact_rows(int mb, bool whole_row) {
 }
 
 // Prefill with bf16 activations and bf16 scales: dequantize rows straight to bf16 (t*s is exact
-// in bf16) in the same permuted order as xb, for at::mm. Per step, `vpermw` from {-s, 0, s, 0}
+// in bf16) in the same permuted order as xb, for the bf16 ternary GEMM. Per step, `vpermw` from {-s, 0, s, 0}
 // of the low half's group, then a masked `vpermw` from the high half's table: any group size
 // >= 32 works, since a step's 16 words per half lie in one 32-element quarter of one block.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_bf16(const Ctx& c, int64_t n0,
-                                                                                    int64_t n1, uint16_t* out) {
+                                                                                    int64_t n1, uint16_t* out,
+                                                                                    int64_t ld) {
   const int64_t nchunk = c.Kc / kChunkWeights;
   auto table_of = [](uint16_t s) {
     const uint64_t neg = uint64_t(s ^ 0x8000u), pos = uint64_t(s);
@@ -260,7 +261,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* sc = static_cast<const uint16_t*>(c.scales) + n * c.G;
     const uint8_t* row = c.codes + n * c.row_bytes;
-    uint16_t* o = out + (n - n0) * c.Kc;
+    uint16_t* o = out + (n - n0) * ld;
+    if (c.G == 1) {  // one table for the row: a shift, a vpermw and a store per 32 weights
+      const __m512i tab = _mm512_set1_epi64(static_cast<long long>(table_of(sc[0])));
+      for (int64_t ch = 0; ch < nchunk; ++ch) {
+        const __m512i d = load_chunk(c, row, ch);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t)
+          _mm512_storeu_si512(o + ch * kChunkWeights + 32 * t, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 2 * t), tab));
+      }
+      continue;
+    }
     for (int64_t ch = 0; ch < nchunk; ++ch) {
       const __m512i d = load_chunk(c, row, ch);
 #pragma GCC unroll 8
@@ -278,7 +289,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void dequant_rows_
 
 #else   // not x86: never picked (best_isa() is not an x86 path), see cpu_features.h
 RowFn bf16_exact_rows(int, bool) { BITCPM_NO_SIMD_PATH("bf16_exact_rows"); }
-void dequant_rows_bf16(const Ctx&, int64_t, int64_t, uint16_t*) { BITCPM_NO_SIMD_PATH("dequant_rows_bf16"); }
+void dequant_rows_bf16(const Ctx&, int64_t, int64_t, uint16_t*, int64_t) { BITCPM_NO_SIMD_PATH("dequant_rows_bf16"); }
+
 #endif  // BITCPM_X86
 
 }  // namespace bitcpm_cpu

@@ -1,21 +1,29 @@
-// Ternary GEMM, fp32 compute, for exact mode with several tokens (see ternary_gemm.h).
+// Ternary GEMM for exact mode with several tokens (see ternary_gemm.h): fp32 compute on every x86
+// CPU, bf16 compute (vdpbf16ps; AMX where present) for bf16 activations on AVX512-BF16 CPUs.
 //
-// Shape of the computation: the transposed product y^T = W . x^T, so the operand that must be
-// rebuilt from 2-bit codes (W) is brgemm's A, which brgemm reads row-major: the kernel's own row
-// decoder writes it directly, with no repacking. x^T (brgemm's B, [K][tokens]) is packed once per
-// call, per tile of tokens (token_tile below). Per thread and tile of kGemmRows weight rows:
+// fp32: the transposed product y^T = W . x^T, so the operand that must be rebuilt from 2-bit codes
+// (W) is brgemm's A, which brgemm reads row-major: the kernel's own row decoder writes it
+// directly, with no repacking. x^T (brgemm's B, [K][tokens]) is packed once per call, per tile
+// of tokens (token_tile below). Per thread and tile of kGemmRows weight rows:
 //   decode rows (kGemmRows x K fp32, <= 256 KiB for K = 4096: L2) ->
 //   for each token tile: C (kGemmRows x tokens) = brgemm(A, x^T tile) over K blocks of kGemmKBlock
 //   (add_C accumulates) -> C transposed into y.
-// brgemm picks oneDNN's best ukernel for the CPU (AVX2 FMA, AVX512; AMX is bf16/int8 only, and
-// the bf16 path is not routed here). Its kernel cache is per thread and keyed by the shape, so
-// tile sizes are fixed (tails add one or two shapes); brgemm_release() ends each thread's run.
+// bf16 and int8: y = x . W^T (the orientation of stock's oneDNN matmul; kBf16Rows below says
+// why): x is A as it is; per thread and tile of kBf16Rows weight rows, the rows are decoded (bf16
+// t * s, or int8 t) and rearranged into the VNNI layout [K/2][rows][2] or [K/4][rows][4]
+// (vnni_pack), then for every 32 tokens C += brgemm(x block, tile) over K blocks. int8: A is
+// q + 128 (u8, as vpdpbusd and AMX-INT8 take it), the offset removed with each row's sum of t.
+// brgemm picks oneDNN's best ukernel for the CPU (AVX2 FMA, AVX512, AVX512-BF16, AMX for bf16).
+// Its kernel cache is per thread and keyed by the shape, so tile sizes are fixed (tails add a few
+// shapes); brgemm_release() ends each thread's run (and releases AMX tile state).
 #include "ternary_gemm.h"
 
 #include "cpu_features.h"
+#include "row_kernels.h"  // vnni_pack
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -27,6 +35,15 @@ namespace {
 constexpr int64_t kGemmRows = 16;      // weight rows per tile (brgemm's M)
 constexpr int64_t kGemmMaxTokens = 24;  // tokens per tile at most (brgemm's N: 3 AVX2 vectors)
 constexpr int64_t kGemmKBlock = 1024;  // K per brgemm call (A and B blocks of 64 KiB each)
+// bf16: the other orientation, y = x . W^T as stock's oneDNN matmul computes it. x (bf16, row-major)
+// is brgemm's A as it is, and the decoded rows are B in the VNNI layout vdpbf16ps and AMX read:
+// kBf16Rows rows (two zmm of fp32 C; an AMX tile is 16) by kBf16Tokens tokens per call, any
+// token count (brgemm's M needs no padding). The fp32 orientation above run on bf16 (16 rows x
+// 16..48 padded tokens) took 1.13-1.26x stock's time at 32..512 tokens, this one 1.05-1.18x
+// (AVX512-BF16 Zen 4, one thread, the four 0.5B layers; 64 rows per tile was no faster). int8
+// uses the same tiles (u8 x s8 brgemm measured 2x bf16's multiply-adds per second here).
+constexpr int64_t kBf16Rows = 32;
+constexpr int64_t kBf16Tokens = 32;
 
 // Tokens per tile: a multiple of 8 (an AVX2 vector of fp32 lanes), all tiles of one width, the
 // last zero padded. brgemm runs a width that is not a multiple of 8 far slower than the padded
@@ -89,6 +106,78 @@ void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y
       }
     }
     cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, float* y, const DecodeRowsBf16& decode) {
+  TORCH_CHECK(K % 32 == 0, "ternary_gemm_bf16: K must be a multiple of 32 (VNNI pairs, 16-word transposes), got ",
+              K);
+  namespace cpublas = at::native::cpublas;
+  const int64_t row_tiles = (N + kBf16Rows - 1) / kBf16Rows;
+  const auto* xa = reinterpret_cast<const c10::BFloat16*>(x);
+  at::parallel_for(0, row_tiles, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint16_t> rows(static_cast<size_t>(kBf16Rows * K));  // the tile, row-major
+    std::vector<uint16_t> b(static_cast<size_t>(kBf16Rows * K));     // the same, VNNI [K/2][kBf16Rows][2]
+    std::vector<float> c;                                             // a last, partial tile's output
+    const auto* bb = reinterpret_cast<const c10::BFloat16*>(b.data());
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n0 = r * kBf16Rows, nr = std::min(kBf16Rows, N - n0);
+      decode(n0, n0 + nr, rows.data(), K);
+      vnni_pack(reinterpret_cast<const uint32_t*>(rows.data()), K / 2, nr, K / 2, kBf16Rows,
+                reinterpret_cast<uint32_t*>(b.data()));
+      for (int64_t m0 = 0; m0 < M; m0 += kBf16Tokens) {
+        const int64_t mb = std::min(kBf16Tokens, M - m0);
+        // A whole tile accumulates straight into y (ld_c = N); a partial one into c, then copied.
+        float* out = y + m0 * N + n0;
+        int64_t ld_c = N;
+        if (nr < kBf16Rows) {
+          c.resize(static_cast<size_t>(mb * kBf16Rows));
+          out = c.data();
+          ld_c = kBf16Rows;
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+          const int64_t kb = std::min(kGemmKBlock, K - k0);
+          // B's block at k0 starts at pair k0 / 2, each pair row kBf16Rows words: k0 * kBf16Rows halves.
+          cpublas::brgemm(mb, kBf16Rows, kb, /*ld_a=*/K, /*ld_b=*/kBf16Rows, ld_c, /*add_C=*/k0 > 0, xa + m0 * K + k0,
+                          bb + k0 * kBf16Rows, out, /*is_vnni=*/true);
+        }
+        if (nr < kBf16Rows) {
+          for (int64_t m = 0; m < mb; ++m)
+            for (int64_t i = 0; i < nr; ++i) y[(m0 + m) * N + n0 + i] = c[m * kBf16Rows + i];
+        }
+      }
+    }
+    cpublas::brgemm_release(/*is_vnni=*/true);
+  });
+}
+
+void ternary_gemm_int8(int64_t M, int64_t N, int64_t K, const uint8_t* xu, const DecodeRowsS8& decode,
+                       const FinishInt8& finish) {
+  TORCH_CHECK(K % 64 == 0, "ternary_gemm_int8: K must be a multiple of 64 (VNNI quads, 16-word transposes), got ", K);
+  namespace cpublas = at::native::cpublas;
+  const int64_t row_tiles = (N + kBf16Rows - 1) / kBf16Rows;
+  at::parallel_for(0, row_tiles, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> rows(static_cast<size_t>(kBf16Rows * K));  // the tile, row-major
+    std::vector<int8_t> b(static_cast<size_t>(kBf16Rows * K));     // the same, VNNI [K/4][kBf16Rows][4]
+    std::vector<int32_t> sums(kBf16Rows);
+    std::vector<int32_t> c(static_cast<size_t>(kBf16Tokens * kBf16Rows));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n0 = r * kBf16Rows, nr = std::min(kBf16Rows, N - n0);
+      decode(n0, n0 + nr, rows.data(), K, sums.data());
+      vnni_pack(reinterpret_cast<const uint32_t*>(rows.data()), K / 4, nr, K / 4, kBf16Rows,
+                reinterpret_cast<uint32_t*>(b.data()));
+      for (int64_t m0 = 0; m0 < M; m0 += kBf16Tokens) {
+        const int64_t mb = std::min(kBf16Tokens, M - m0);
+        for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+          const int64_t kb = std::min(kGemmKBlock, K - k0);
+          // B's block at k0 starts at quad k0 / 4, each quad row kBf16Rows words: k0 * kBf16Rows bytes.
+          cpublas::brgemm(mb, kBf16Rows, kb, /*ld_a=*/K, /*ld_b=*/kBf16Rows, /*ld_c=*/kBf16Rows, /*add_C=*/k0 > 0,
+                          xu + m0 * K + k0, b.data() + k0 * kBf16Rows, c.data(), /*is_vnni=*/true);
+        }
+        finish(n0, nr, m0, mb, c.data(), kBf16Rows, sums.data());
+      }
+    }
+    cpublas::brgemm_release(/*is_vnni=*/true);
   });
 }
 

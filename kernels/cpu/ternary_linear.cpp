@@ -24,9 +24,10 @@
 //   exact mode, several tokens (M >= kFusedGemmMinM), fp32 compute (AVX2, AVX512, and fp32
 //     activations anywhere): the ternary GEMM; the scalar path keeps tiles of rows dequantized
 //     for at::mm.
-//   exact mode, bf16 activations on AVX512-BF16 CPUs: the bf16 row kernels for decode; prefill
-//     dequantizes rows straight to bf16 for at::mm.
-//   int8 mode: x quantized once per call (int8_quantize.cpp), then the int8 row kernels.
+//   exact mode, bf16 activations on AVX512-BF16 CPUs: the bf16 row kernels below kBf16GemmMinM
+//     tokens, then the bf16 ternary GEMM (rows decoded to bf16 in the VNNI layout, brgemm).
+//   int8 mode: x quantized once per call (int8_quantize.cpp), then the int8 row kernels; on
+//     AVX512-VNNI CPUs with whole-row scales, from kGemmMinM tokens the int8 ternary GEMM.
 //   int16 mode: x quantized to int16 split in two int8 planes, then the x86 int8 row kernels'
 //     int16 twin (AVX2, also on AVX512 CPUs); the scalar twin elsewhere (NEON has no int16 kernel).
 //   aarch64: the NEON row kernels; prefill (M >= kGemmMinM) by fp32 tiles for at::mm.
@@ -56,6 +57,11 @@ namespace bitcpm_cpu {
 namespace {
 
 constexpr int64_t kGemmMinM = 32;     // exact mode: at or above this many tokens use dequant + GEMM
+// bf16 activations on AVX512-BF16 with whole-row or >= 128-wide groups: the vdpbf16ps decode loops
+// up to this many tokens, the bf16 ternary GEMM above. The loops took 0.88-1.04x stock bf16's time
+// at 16..48 tokens against the GEMM's 1.08-1.18x; from 64 tokens both ran at 1.09-1.12x (one
+// thread; two threads: the same crossover; AVX512-BF16 Zen 4, the four 0.5B layers summed).
+constexpr int64_t kBf16GemmMinM = 64;
 // exact mode, fp32 compute: at or above this many tokens the ternary GEMM (ternary_gemm.cpp) runs
 // instead of the per-row decode loops (benchmarks/prefill_gemm.py sweeps M).
 constexpr int64_t kFusedGemmMinM = 8;
@@ -225,11 +231,12 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       y32.zero_();
     } else {
       // bf16 activations, exact mode, AVX512-BF16: decode sizes with whole-row or >= 128-wide
-      // groups run the vdpbf16ps kernel; prefill with bf16 scales dequantizes straight to bf16.
+      // groups run the vdpbf16ps kernel below kBf16GemmMinM tokens; otherwise from kGemmMinM
+      // tokens with bf16 scales, the bf16 GEMM.
       // Both read x as it is (no float copy).
       const bool bf16_isa = isa == Isa::kAvx512Bf16 && act == Activations::kExact && xt == at::kBFloat16 && gs_ok;
-      const bool bf16_decode = bf16_isa && Mrows < kGemmMinM && (G == 1 || group_size >= kBlockWeights);
-      const bool bf16_prefill = bf16_isa && Mrows >= kGemmMinM && st == at::kBFloat16;
+      const bool bf16_decode = bf16_isa && Mrows < kBf16GemmMinM && (G == 1 || group_size >= kBlockWeights);
+      const bool bf16_prefill = bf16_isa && !bf16_decode && Mrows >= kGemmMinM && st == at::kBFloat16;
       const bool bf16_path = bf16_decode || bf16_prefill;
       const at::Tensor x = bf16_path ? x_in.reshape({Mrows, K}).contiguous()
                                      : x_in.reshape({Mrows, K}).to(at::kFloat).contiguous();
@@ -263,15 +270,11 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         c.xb = reinterpret_cast<const uint16_t*>(xb.data_ptr());
         permute_x_bf16(c, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(xb.data_ptr()));
         if (bf16_prefill) {
-          // Tiles of rows dequantized to bf16 (about 1 MiB, so the GEMM reads them from cache).
-          const int64_t tile = std::min(N, std::max<int64_t>(kRowTile, ((int64_t(1) << 20) / (c.Kc * 2)) / kRowTile * kRowTile));
-          at::Tensor wt = at::empty({tile, c.Kc}, x.options());
-          uint16_t* wp = reinterpret_cast<uint16_t*>(wt.data_ptr());
-          for (int64_t t0 = 0; t0 < N; t0 += tile) {
-            const int64_t t1 = std::min(N, t0 + tile);
-            at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t b) { dequant_rows_bf16(c, a, b, wp + (a - t0) * c.Kc); });
-            y32.narrow(1, t0, t1 - t0).copy_(at::mm(xb, wt.narrow(0, 0, t1 - t0).t()));
-          }
+          // Several tokens: the bf16 ternary GEMM (ternary_gemm.cpp): 32-row tiles decoded once to
+          // bf16 (t * s exact with bf16 scales), in the VNNI layout, reused for every 32 tokens.
+          ternary_gemm_bf16(Mrows, N, c.Kc, c.xb, c.y, [&](int64_t a, int64_t b, uint16_t* out, int64_t ld) {
+            dequant_rows_bf16(c, a, b, out, ld);
+          });
         } else {
           run_rows(c, token_tile(isa, false), [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
             bf16_exact_rows(static_cast<int>(mb), G == 1)(c, a, b, m0, s);
@@ -353,8 +356,41 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
                             (G == 1 || group_size >= 64);
         // Per-lane sums: every AVX2 integer kernel reads them, the AVX512 one only with groups
         // (with whole-row scales it subtracts the per-row sum c.qsum).
-        const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar, /*lane_sums=*/!use512 || G > 1);
-        if (isa == Isa::kScalar) {
+        // From kGemmMinM tokens with whole-row scales (BitCPM4), the int8 ternary GEMM (u8 x s8
+        // brgemm, ternary_gemm.cpp): 0.91x the row kernels' time at 32 tokens, 0.70x at 512
+        // (AVX512-BF16 Zen 4, one thread, the four 0.5B layers); below 32 the row kernels were as
+        // fast or faster (1.04-1.11x at 16-24 tokens).
+        const bool int8_gemm = use512 && G == 1 && Mrows >= kGemmMinM && ternary_gemm_fp32_available();
+        const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar,
+                                      /*lane_sums=*/!int8_gemm && (!use512 || G > 1));
+        if (int8_gemm) {
+          // q + 128 as u8 (the sign bit flipped): brgemm's A.
+          at::Tensor xu = at::empty({Mrows, c.Kp}, x.options().dtype(at::kByte));
+          const int8_t* q = c.q;
+          uint8_t* u = xu.data_ptr<uint8_t>();
+          at::parallel_for(0, Mrows * c.Kp, 1 << 16, [&](int64_t a, int64_t b) {
+            for (int64_t i = a; i < b; ++i) u[i] = static_cast<uint8_t>(q[i]) ^ 0x80u;
+          });
+          ternary_gemm_int8(
+              Mrows, N, c.Kp, u,
+              [&](int64_t a, int64_t b, int8_t* out, int64_t ld, int32_t* sums) { decode_rows_s8(c, a, b, out, ld, sums); },
+              [&](int64_t n0, int64_t nr, int64_t m0, int64_t mb, const int32_t* cc, int64_t ld_c, const int32_t* sums) {
+                float s[64];
+                int32_t offset[64];
+                for (int64_t i = 0; i < nr; ++i) {
+                  load_row_scales(c, n0 + i, s + i);
+                  offset[i] = 128 * sums[i];
+                }
+                // Token by token, rows contiguous in C and y (vectorizes). The scalar twin's
+                // arithmetic (acc starts at 0, one group, then / inv): the same bits.
+                for (int64_t m = 0; m < mb; ++m) {
+                  const int32_t* cr = cc + m * ld_c;
+                  float* yr = c.y + (m0 + m) * N + n0;
+                  const float inv = c.inv[m0 + m];
+                  for (int64_t i = 0; i < nr; ++i) yr[i] = (0.f + s[i] * static_cast<float>(cr[i] - offset[i])) / inv;
+                }
+              });
+        } else if (isa == Isa::kScalar) {
           run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
             int8_rows_scalar(c, a, b, m0, m0 + mb, s);
           });
