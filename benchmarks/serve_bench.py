@@ -41,13 +41,19 @@ from engine_sides import (  # noqa: E402
     resolve_model, write_json,
 )
 
+from vllm_bitcpm.testing import zentorch_site  # noqa: E402
+
 #: vLLM sides: plugin on or off, the environment that selects its options, and the engine dtype
 #: (None: --dtype). stock-fp32 is what a user of a CPU without bf16 hardware can serve instead of
 #: stock's slow bf16 default (ATen's bf16 fallback), the AVX2 targets' second baseline.
 SIDES = {"stock": (False, {}, None), "plugin": (True, {}, None),
          "plugin-int8": (True, {"VLLM_BITCPM_ACTIVATIONS": "int8", "VLLM_BITCPM_LM_HEAD": "int8"}, None),
          "plugin-int16": (True, {"VLLM_BITCPM_ACTIVATIONS": "int16", "VLLM_BITCPM_LM_HEAD": "int8"}, None),
-         "stock-fp32": (False, {}, "float32")}
+         "stock-fp32": (False, {}, "float32"),
+         # vLLM's ZenCpuPlatform (AMD CPUs with AVX512, zentorch importable): stock's faster dense
+         # GEMMs there (docs/platforms.md); zentorch lives outside the venv's path.
+         "stock-zentorch": (False, zentorch_site.env(), None),
+         "plugin-zentorch": (True, zentorch_site.env(), None)}
 #: What runs unless --sides says otherwise.
 DEFAULT_SIDES = ["stock", "plugin", "plugin-int8"]
 PEERS = ("llama-server",)

@@ -98,3 +98,23 @@ def test_random_shapes_match_float64(isa, m, k, n, granularity, dtype, seed):  #
     codes, scales, gs, w64 = layer(n, k, granularity, seed=seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     check_exact(x, codes, scales, gs, w64, isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gemm_paths_add_the_bias_before_the_one_rounding(isa, dtype):  # noqa: F811
+    """The bf16 and int8 GEMMs round their fp32 blocks straight into a 16-bit output, the bias
+    added first (70 tokens: the GEMM paths on AVX512-BF16 / VNNI CPUs). int8: the scalar twin
+    computes the same fp32 values, adds the bias and rounds once, so the bits must agree. Exact:
+    the float64 oracle plus the bias, within the fp32-sum bound and one output rounding."""
+    codes, scales, gs, w64 = layer(77, 333, "row", seed=7)
+    x = torch.randn(70, 333, generator=torch.Generator().manual_seed(8)).to(dtype)
+    bias = torch.randn(77, generator=torch.Generator().manual_seed(9)).to(dtype)
+    run = torch.ops.bitcpm_cpu.ternary_linear_isa
+    got = run(x, codes, scales, gs, bias, "int8", isa)
+    assert torch.equal(got, run(x, codes, scales, gs, bias, "int8", "scalar"))
+    y = run(x, codes, scales, gs, bias, "exact", isa).to(torch.float64)
+    x64 = x.to(torch.float64)
+    expected = x64 @ w64.T + bias.to(torch.float64)
+    bound = (334 * 2.0**-24 * (x64.abs() @ w64.abs().T + bias.abs().to(torch.float64))
+             + OUTPUT_ROUNDING[dtype] * expected.abs() + 1e-30)
+    assert bool(((y - expected).abs() <= bound).all())

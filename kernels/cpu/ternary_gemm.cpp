@@ -109,7 +109,8 @@ void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y
   });
 }
 
-void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, float* y, const DecodeRowsBf16& decode) {
+void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, const StoreBlock& store,
+                       const DecodeRowsBf16& decode) {
   TORCH_CHECK(K % 32 == 0, "ternary_gemm_bf16: K must be a multiple of 32 (VNNI pairs, 16-word transposes), got ",
               K);
   namespace cpublas = at::native::cpublas;
@@ -118,7 +119,7 @@ void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, float
   at::parallel_for(0, row_tiles, 1, [&](int64_t r0, int64_t r1) {
     std::vector<uint16_t> rows(static_cast<size_t>(kBf16Rows * K));  // the tile, row-major
     std::vector<uint16_t> b(static_cast<size_t>(kBf16Rows * K));     // the same, VNNI [K/2][kBf16Rows][2]
-    std::vector<float> c;                                             // a last, partial tile's output
+    std::vector<float> c(static_cast<size_t>(kBf16Tokens * kBf16Rows));  // one block of y, fp32
     const auto* bb = reinterpret_cast<const c10::BFloat16*>(b.data());
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n0 = r * kBf16Rows, nr = std::min(kBf16Rows, N - n0);
@@ -127,24 +128,13 @@ void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, float
                 reinterpret_cast<uint32_t*>(b.data()));
       for (int64_t m0 = 0; m0 < M; m0 += kBf16Tokens) {
         const int64_t mb = std::min(kBf16Tokens, M - m0);
-        // A whole tile accumulates straight into y (ld_c = N); a partial one into c, then copied.
-        float* out = y + m0 * N + n0;
-        int64_t ld_c = N;
-        if (nr < kBf16Rows) {
-          c.resize(static_cast<size_t>(mb * kBf16Rows));
-          out = c.data();
-          ld_c = kBf16Rows;
-        }
         for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
           const int64_t kb = std::min(kGemmKBlock, K - k0);
           // B's block at k0 starts at pair k0 / 2, each pair row kBf16Rows words: k0 * kBf16Rows halves.
-          cpublas::brgemm(mb, kBf16Rows, kb, /*ld_a=*/K, /*ld_b=*/kBf16Rows, ld_c, /*add_C=*/k0 > 0, xa + m0 * K + k0,
-                          bb + k0 * kBf16Rows, out, /*is_vnni=*/true);
+          cpublas::brgemm(mb, kBf16Rows, kb, /*ld_a=*/K, /*ld_b=*/kBf16Rows, /*ld_c=*/kBf16Rows, /*add_C=*/k0 > 0,
+                          xa + m0 * K + k0, bb + k0 * kBf16Rows, c.data(), /*is_vnni=*/true);
         }
-        if (nr < kBf16Rows) {
-          for (int64_t m = 0; m < mb; ++m)
-            for (int64_t i = 0; i < nr; ++i) y[(m0 + m) * N + n0 + i] = c[m * kBf16Rows + i];
-        }
+        store(m0, mb, n0, nr, c.data(), kBf16Rows);
       }
     }
     cpublas::brgemm_release(/*is_vnni=*/true);

@@ -23,9 +23,15 @@ void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y
 // K order, row r at out + (r - n0) * ld.
 using DecodeRowsBf16 = std::function<void(int64_t n0, int64_t n1, uint16_t* out, int64_t ld)>;
 
-// The same with bf16 x (bits, M x K, K even) and bf16 products accumulated in fp32 (vdpbf16ps;
-// AMX where the CPU has it): for AVX512-BF16 CPUs. Exact products, fp32 sums, as the fp32 GEMM.
-void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, float* y, const DecodeRowsBf16& decode);
+// Takes a finished fp32 block of y: tokens [m0, m0 + mb) x rows [n0, n0 + nr) at c (ld_c), so the
+// caller writes it in the output's dtype (no fp32 copy of a large y written and read again).
+using StoreBlock = std::function<void(int64_t m0, int64_t mb, int64_t n0, int64_t nr, const float* c, int64_t ld_c)>;
+
+// The same with bf16 x (bits, M x K, K a multiple of 32) and bf16 products accumulated in fp32
+// (vdpbf16ps; AMX where the CPU has it): for AVX512-BF16 CPUs. Exact products, fp32 sums, as the
+// fp32 GEMM. Each finished block goes to store.
+void ternary_gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* x, const StoreBlock& store,
+                       const DecodeRowsBf16& decode);
 
 // int8 mode (AVX512-VNNI; u8 x s8 dot products, AMX-INT8 where present): xu is the quantized
 // activations q + 128 as u8 (M x K, K a multiple of 64), so C = sum (q + 128) * t, and the

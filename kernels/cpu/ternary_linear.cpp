@@ -50,6 +50,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -226,6 +228,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
   for (int64_t i = 0; i + 1 < x_in.dim(); ++i) Mrows *= x_in.size(i);
 
   at::Tensor y32 = at::empty({Mrows, N}, x_in.options().dtype(at::kFloat));
+  at::Tensor y_direct;  // set by the GEMM paths that write 16-bit results directly (store_block)
   if (Mrows > 0 && N > 0) {
     if (K == 0) {
       y32.zero_();
@@ -260,6 +263,32 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       c.scales = scales.data_ptr();
       c.scale_dtype = st;
       c.y = y32.data_ptr<float>();
+      // The GEMM paths hand their result over block by block (store_block): with 16-bit
+      // activations it is rounded once straight into the output (bias added in fp32 first, as
+      // y32 + bias then .to(dtype) does), so a large y is never written in fp32 and read back
+      // (at 2048 tokens that copy cost ~36 ms of a ~190 ms layer set, two threads).
+      const at::Tensor bias32 = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+      const float* bias_f = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+      auto store_block = [&](int64_t m0, int64_t mb, int64_t n0, int64_t nr, const float* cc, int64_t ld_c) {
+        if (xt == at::kFloat && !bias_f) {
+          for (int64_t m = 0; m < mb; ++m) std::memcpy(c.y + (m0 + m) * N + n0, cc + m * ld_c, nr * sizeof(float));
+          return;
+        }
+        if (!y_direct.defined()) {  // fp32 output with a bias: the bias is added at the end as elsewhere
+          for (int64_t m = 0; m < mb; ++m) std::memcpy(c.y + (m0 + m) * N + n0, cc + m * ld_c, nr * sizeof(float));
+          return;
+        }
+        auto write = [&](auto* out) {
+          using T = std::remove_pointer_t<decltype(out)>;
+          for (int64_t m = 0; m < mb; ++m) {
+            T* o = out + (m0 + m) * N + n0;
+            const float* src = cc + m * ld_c;
+            for (int64_t i = 0; i < nr; ++i) o[i] = T(bias_f ? src[i] + bias_f[n0 + i] : src[i]);
+          }
+        };
+        if (xt == at::kBFloat16) write(y_direct.data_ptr<c10::BFloat16>());
+        else write(y_direct.data_ptr<c10::Half>());
+      };
       if (!bf16_path) c.x = x.data_ptr<float>();
 
       if (is_neon(isa)) {
@@ -270,9 +299,10 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         c.xb = reinterpret_cast<const uint16_t*>(xb.data_ptr());
         permute_x_bf16(c, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(xb.data_ptr()));
         if (bf16_prefill) {
+          y_direct = at::empty({Mrows, N}, x_in.options());
           // Several tokens: the bf16 ternary GEMM (ternary_gemm.cpp): 32-row tiles decoded once to
           // bf16 (t * s exact with bf16 scales), in the VNNI layout, reused for every 32 tokens.
-          ternary_gemm_bf16(Mrows, N, c.Kc, c.xb, c.y, [&](int64_t a, int64_t b, uint16_t* out, int64_t ld) {
+          ternary_gemm_bf16(Mrows, N, c.Kc, c.xb, store_block, [&](int64_t a, int64_t b, uint16_t* out, int64_t ld) {
             dequant_rows_bf16(c, a, b, out, ld);
           });
         } else {
@@ -364,6 +394,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
         const QuantizedActivations qa(c, x, act, /*simd=*/isa != Isa::kScalar,
                                       /*lane_sums=*/!int8_gemm && (!use512 || G > 1));
         if (int8_gemm) {
+          if (xt != at::kFloat) y_direct = at::empty({Mrows, N}, x_in.options());
           // q + 128 as u8 (the sign bit flipped): brgemm's A.
           at::Tensor xu = at::empty({Mrows, c.Kp}, x.options().dtype(at::kByte));
           const int8_t* q = c.q;
@@ -375,20 +406,20 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
               Mrows, N, c.Kp, u,
               [&](int64_t a, int64_t b, int8_t* out, int64_t ld, int32_t* sums) { decode_rows_s8(c, a, b, out, ld, sums); },
               [&](int64_t n0, int64_t nr, int64_t m0, int64_t mb, const int32_t* cc, int64_t ld_c, const int32_t* sums) {
-                float s[64];
+                float s[64], out[64 * 64];
                 int32_t offset[64];
                 for (int64_t i = 0; i < nr; ++i) {
                   load_row_scales(c, n0 + i, s + i);
                   offset[i] = 128 * sums[i];
                 }
-                // Token by token, rows contiguous in C and y (vectorizes). The scalar twin's
-                // arithmetic (acc starts at 0, one group, then / inv): the same bits.
+                // Token by token, rows contiguous (vectorizes). The scalar twin's arithmetic
+                // (acc starts at 0, one group, then / inv): the same bits.
                 for (int64_t m = 0; m < mb; ++m) {
                   const int32_t* cr = cc + m * ld_c;
-                  float* yr = c.y + (m0 + m) * N + n0;
                   const float inv = c.inv[m0 + m];
-                  for (int64_t i = 0; i < nr; ++i) yr[i] = (0.f + s[i] * static_cast<float>(cr[i] - offset[i])) / inv;
+                  for (int64_t i = 0; i < nr; ++i) out[m * nr + i] = (0.f + s[i] * static_cast<float>(cr[i] - offset[i])) / inv;
                 }
+                store_block(m0, mb, n0, nr, out, nr);
               });
         } else if (isa == Isa::kScalar) {
           run_rows(c, 1, [&](int64_t a, int64_t b, int64_t m0, int64_t mb, float* s) {
@@ -409,6 +440,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
       }
     }
   }
+  if (y_direct.defined()) return y_direct.reshape(out_shape);  // bias already added
   if (bias.has_value() && bias->defined()) y32.add_(bias->to(at::kFloat));
   at::Tensor y = xt == at::kFloat ? y32 : y32.to(xt);
   return y.reshape(out_shape);
