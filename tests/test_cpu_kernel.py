@@ -272,9 +272,9 @@ def test_integer_modes_with_whole_row_scales_equal_the_scalar_twin_bit_for_bit(i
         assert torch.equal(kernel(x, codes, scales, k, None, acts, isa), kernel(x, codes, scales, k, None, acts, "scalar"))
 
 
-@pytest.mark.parametrize("m", [16, 31, 32, 33, 64, 200])
+@pytest.mark.parametrize("m", [31, 32, 33, 64, 200])  # 31: the row kernels beside the boundary
 def test_int8_gemm_equals_the_scalar_twin_bit_for_bit(isa, m):
-    """From 16 tokens with whole-row scales, int8 mode on AVX512-VNNI CPUs runs the int8 ternary
+    """From 32 tokens with whole-row scales, int8 mode on AVX512-VNNI CPUs runs the int8 ternary
     GEMM (kernels/cpu/ternary_gemm.cpp: u8 x s8 brgemm on 32-row tiles in the VNNI layout, 32
     tokens per call, the +128 offset removed with each row's sum of t); its epilogue is the scalar
     twin's arithmetic, so the results must be the same bits. K off the 64/128 grids and 2 K blocks,

@@ -2,8 +2,8 @@
 
 Several tokens run different code than one (the per-row decode loops below kFusedGemmMinM
 tokens, the ternary GEMM of kernels/cpu/ternary_gemm.cpp above it, with token tiles of 8/16/24
-and zero-padded tails, and the bf16 GEMM on AVX512-BF16 from 32 tokens: 32-row tiles in the
-VNNI layout, 32 tokens per call), so the batch sizes around every
+and zero-padded tails, and the bf16 GEMM on AVX512-BF16 from 64 tokens (from 32 with groups under
+128): 32-row tiles in the VNNI layout, 32 tokens per call), so the batch sizes around every
 boundary are checked: 1..16, 31..33, 64, 200 and 513 tokens, each granularity BitCPM uses (one
 scale per tensor, per row, per group of 32..256) and K, N off every block grid. A hypothesis
 sweep adds random shapes per path (`pytest --hypothesis-profile=long` for 1000 per path).
