@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_decode.py                    # plugin, 1 thread, batch 1
     .venv/bin/python benchmarks/profile_decode.py --stock --batch 10 --threads 2
     .venv/bin/python benchmarks/profile_decode.py --prefill 252      # one 252-token prefill instead
+    .venv/bin/python benchmarks/profile_decode.py --sides plugin-int8 --compile   # one side, as served
 
 Not a benchmark (profiling slows every op); it answers "what should be optimised next" by
 printing the ops that take the most self CPU time per decode step, grouped by op name. The engine
@@ -23,9 +24,11 @@ sys.path.insert(0, str(HERE))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from engine_sides import add_model_arguments, apply_isa_mode, engine_settings, model_threads_env, resolve_model
+    from engine_sides import (SIDES, add_model_arguments, apply_isa_mode, engine_settings, model_threads_env,
+                              resolve_model)
 
     add_model_arguments(parser)
+    parser.set_defaults(sides=None)  # one side here: --sides SIDE (default plugin), --stock = --sides stock
     parser.add_argument("--stock", action="store_true", help="profile stock vLLM (plugin disabled)")
     parser.add_argument("--threads", type=int, default=1, help="model OpenMP threads, pinned")
     parser.add_argument("--batch", type=int, default=1)
@@ -34,12 +37,20 @@ def main() -> None:
                         help="profile one prefill of a TOKENS-long prompt per sequence (max_tokens=1) instead")
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     args = parser.parse_args()
+    side = "stock" if args.stock else (args.sides or ["plugin"])[0]
+    if args.sides and (len(args.sides) != 1 or (args.stock and side != "stock")):
+        parser.error("profile_decode.py profiles one side: --sides SIDE (or --stock)")
+    _, plugin_on, side_env, side_settings = next(entry for entry in SIDES if entry[0] == side)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP (AVX2 mode imports it early)
-    os.environ["VLLM_PLUGINS"] = "" if args.stock else "bitcpm"
+    os.environ["VLLM_PLUGINS"] = "bitcpm" if plugin_on else ""
+    if "PYTHONPATH" in side_env and side_env["PYTHONPATH"] not in sys.path:  # zentorch sides: its site
+        sys.path.insert(0, side_env["PYTHONPATH"])
+    os.environ.update({k: v for k, v in side_env.items() if k != "PYTHONPATH"})
     apply_isa_mode(args)
     model = resolve_model(args)
     settings = engine_settings(args)
+    settings.update(side_settings)
     settings["max_logprobs"] = 20
 
     import torch
@@ -67,7 +78,7 @@ def main() -> None:
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"{steps} steps"
-    print(f"\n{'stock' if args.stock else 'bitcpm'} ({args.dtype}): batch {args.batch}, {args.threads} thread(s), "
+    print(f"\n{side} ({settings.get('dtype', args.dtype)}, {'compiled' if args.compile else 'eager'}): batch {args.batch}, {args.threads} thread(s), "
           f"{what}, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
     print(f"{min(walls) / steps * 1000:.2f} ms wall per step unprofiled (min of 2 runs; includes the engine's "
           "scheduling, sampling and output handling)")

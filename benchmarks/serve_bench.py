@@ -345,6 +345,15 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+#: Settings from the environment that change how a server runs (thread binding, OpenMP waiting,
+#: the plugin's options); the JSON records the ones set, since the command line does not show them.
+SERVING_ENV_PREFIXES = ("VLLM_CPU_", "OMP_", "KMP_", "GOMP_", "VLLM_BITCPM_", "LD_PRELOAD")
+
+
+def serving_environment() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SERVING_ENV_PREFIXES)}
+
+
 def main(argv=None) -> None:
     from tqdm import tqdm
 
@@ -360,7 +369,8 @@ def main(argv=None) -> None:
               "dtype": args.dtype, "isa_mode": args.isa,
               "eager": args.eager, "mix": args.mix, "input_len": args.input_len, "output_len": args.output_len,
               "concurrency": args.concurrency, "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "command": " ".join(["python", "benchmarks/serve_bench.py", *(argv or sys.argv[1:])]), "sides": sides}
+              "command": " ".join(["python", "benchmarks/serve_bench.py", *(argv or sys.argv[1:])]),
+              "environment": serving_environment(), "sides": sides}
     if "llama-server" in args.peers:
         from llama_server import version
 

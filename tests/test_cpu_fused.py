@@ -130,3 +130,29 @@ def test_env_switch_keeps_stock_composites(monkeypatch):
     model = Holder(longrope(ORIGINAL, torch.float32))
     assert cpu_fused.install(model, lambda: True) == 0
     assert type(model.child).__name__ == "Phi3LongRoPEScaledRotaryEmbedding"
+
+
+def test_compiled_models_keep_inductors_own_fusion_unless_asked(monkeypatch):
+    """Under torch.compile inductor fuses the composites itself (the opaque _C calls measured
+    slower there), so by default only eager models take the fused modules; ``1`` forces them."""
+    monkeypatch.delenv(cpu_fused.FUSED_ENV, raising=False)
+    assert cpu_fused.install(Holder(longrope(ORIGINAL, torch.float32)), lambda: True, compiled=True) == 0
+    assert cpu_fused.install(Holder(longrope(ORIGINAL, torch.float32)), lambda: True, compiled=False) == 1
+    monkeypatch.setenv(cpu_fused.FUSED_ENV, "1")
+    assert cpu_fused.install(Holder(longrope(ORIGINAL, torch.float32)), lambda: True, compiled=True) == 1
+    monkeypatch.setenv(cpu_fused.FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="VLLM_BITCPM_FUSED_CPU_OPS='yes'"):
+        cpu_fused.install(Holder(longrope(ORIGINAL, torch.float32)), lambda: True)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_runs_compiled_reads_the_engines_compilation_mode(eager):
+    from vllm.config import CompilationConfig, CompilationMode
+
+    from vllm_bitcpm.model import runs_compiled
+
+    model = nn.Module()
+    model.vllm_config = types.SimpleNamespace(compilation_config=CompilationConfig(
+        mode=CompilationMode.NONE if eager else CompilationMode.VLLM_COMPILE))
+    assert runs_compiled(model) is not eager
+    assert runs_compiled(nn.Module()) is False  # no engine config: built outside vLLM, eager

@@ -100,14 +100,16 @@ def test_random_shapes_match_float64(isa, m, k, n, granularity, dtype, seed):  #
     check_exact(x, codes, scales, gs, w64, isa)
 
 
+@pytest.mark.parametrize("m", [67, 70])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_gemm_paths_add_the_bias_before_the_one_rounding(isa, dtype):  # noqa: F811
-    """The bf16 and int8 GEMMs round their fp32 blocks straight into a 16-bit output, the bias
-    added first (70 tokens: the GEMM paths on AVX512-BF16 / VNNI CPUs). int8: the scalar twin
+def test_gemm_paths_add_the_bias_before_the_one_rounding(isa, dtype, m):  # noqa: F811
+    """The GEMMs round their fp32 blocks straight into a 16-bit output, the bias added first
+    (67 and 70 tokens: the GEMM paths of every x86 ISA; at 67 the fp32 GEMM leaves its last 3
+    tokens to the decode loops, whose rows take the same store). int8: the scalar twin
     computes the same fp32 values, adds the bias and rounds once, so the bits must agree. Exact:
     the float64 oracle plus the bias, within the fp32-sum bound and one output rounding."""
     codes, scales, gs, w64 = layer(77, 333, "row", seed=7)
-    x = torch.randn(70, 333, generator=torch.Generator().manual_seed(8)).to(dtype)
+    x = torch.randn(m, 333, generator=torch.Generator().manual_seed(8)).to(dtype)
     bias = torch.randn(77, generator=torch.Generator().manual_seed(9)).to(dtype)
     run = torch.ops.bitcpm_cpu.ternary_linear_isa
     got = run(x, codes, scales, gs, bias, "int8", isa)

@@ -10,8 +10,12 @@ POWER's SiluAndMul. vLLM's x86 CPU build does ship all three kernels (``_C.rotar
 epsilon, computing in float32 inside the kernel where the composites round to the model dtype
 between ops (so results differ from stock by rounding only).
 
-On the synthetic BitCPM4-0.5B shape this cuts the op calls of a decode step from 6950 to 2677
-(``VLLM_BITCPM_FUSED_CPU_OPS=0`` vs ``1``, benchmarks/profile_decode.py).
+On the synthetic BitCPM4-0.5B shape this cuts the op calls of an eager decode step from 6950 to
+2677 (``VLLM_BITCPM_FUSED_CPU_OPS=0`` vs ``1``, benchmarks/profile_decode.py). Under torch.compile
+(vLLM's default) inductor fuses the composites itself, with the residual adds and scalings around
+them, and the opaque ``_C`` calls only break its fusion: an int8 batch-1 step was ~0.5 ms (~4%)
+shorter without them (AVX512-BF16 Zen 4, ``profile_decode.py --sides plugin-int8 --compile``), so by
+default they are installed for eager engines only.
 
 They take effect only while ``active()`` is true (the model has ternary layers), so a dense
 MiniCPM checkpoint loaded through the plugin still runs exactly stock vLLM's ops.
@@ -26,7 +30,8 @@ import torch
 from torch import nn
 
 
-#: ``0`` keeps stock vLLM's LongRoPE and RMSNorm composites for ternary models too.
+#: ``auto`` (default): the fused kernels in eager engines; ``1``: in compiled engines too; ``0``:
+#: stock vLLM's composites for ternary models too (and stock's lm_head call, vllm_bitcpm.lm_head).
 FUSED_ENV = "VLLM_BITCPM_FUSED_CPU_OPS"
 
 
@@ -42,7 +47,15 @@ def fused_kernels_available() -> bool:
 
 def switched_on() -> bool:
     """``VLLM_BITCPM_FUSED_CPU_OPS`` is not ``0`` (also read by vllm_bitcpm.lm_head)."""
-    return os.environ.get(FUSED_ENV, "1") != "0"
+    return os.environ.get(FUSED_ENV, "auto") != "0"
+
+
+def wanted(compiled: bool) -> bool:
+    """Whether a model that runs ``compiled`` (torch.compile) or eager takes the fused modules."""
+    value = os.environ.get(FUSED_ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"bitcpm: {FUSED_ENV}={value!r}: expected auto, 0 or 1")
+    return value == "1" or (value == "auto" and not compiled)
 
 
 def subclass_overriding(stock_class: type, prefix: str, name: str, method) -> type:
@@ -89,14 +102,14 @@ def _silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def install(model: nn.Module, active: Callable[[], bool]) -> int:
-    """Give every LongRoPE, plain RMSNorm and SiluAndMul module of ``model`` the fused forward;
-    returns how many.
+def install(model: nn.Module, active: Callable[[], bool], compiled: bool = False) -> int:
+    """Give every LongRoPE, plain RMSNorm and SiluAndMul module of ``model`` the fused forward
+    (by default only where the model runs eager: ``wanted``); returns how many.
 
     The modules change class in place (to a subclass with only ``forward`` overridden), so their
     loaded parameters and names stay as vLLM's weight loader tracks them.
     """
-    if not switched_on() or not fused_kernels_available():
+    if not wanted(compiled) or not fused_kernels_available():
         return 0
     from vllm.model_executor.layers.activation import SiluAndMul
     from vllm.model_executor.layers.layernorm import RMSNorm

@@ -91,6 +91,14 @@ def check_every_parameter_loaded(model: torch.nn.Module, loaded: set[str], sourc
                          f"model: {shown} (the files are incomplete, or were written for another model)")
 
 
+def runs_compiled(model: torch.nn.Module) -> bool:
+    """Whether vLLM will run ``model`` through torch.compile (not ``--enforce-eager``)."""
+    from vllm.config import CompilationMode
+
+    config = getattr(model, "vllm_config", None)
+    return config is not None and config.compilation_config.mode != CompilationMode.NONE
+
+
 def install_cpu_fast_paths(model: torch.nn.Module) -> None:
     """After the weights are loaded: vLLM's fused CPU kernels and the lm_head's decode kernel,
     taken at run time only while the model has ternary layers (``model.bitcpm_quant_config``)."""
@@ -99,7 +107,7 @@ def install_cpu_fast_paths(model: torch.nn.Module) -> None:
         config = model.bitcpm_quant_config
         return isinstance(config, BitCPMConfig) and config.report.packed_layers > 0
 
-    fused = cpu_fused.install(model, has_ternary_layers)
+    fused = cpu_fused.install(model, has_ternary_layers, compiled=runs_compiled(model))
     if fused:
         logger.info("bitcpm: %d modules (LongRoPE, RMSNorm, SiluAndMul) take vLLM's fused CPU kernels "
                     "whenever the model has ternary layers", fused)

@@ -100,7 +100,8 @@ bool ternary_gemm_fp32_available() {
   return BITCPM_X86 != 0;  // oneDNN's ukernels are x86 (ATen has other fallbacks elsewhere)
 }
 
-void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y, const DecodeRowsFp32& decode) {
+void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, const StoreBlock& store,
+                       const DecodeRowsFp32& decode) {
   namespace cpublas = at::native::cpublas;
   const int64_t mt = token_tile(M);
   const int64_t token_tiles = (M + mt - 1) / mt;
@@ -124,6 +125,7 @@ void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y
   at::parallel_for(0, row_tiles, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> w(static_cast<size_t>(kGemmRows * K));
     float c[kGemmRows * kGemmMaxTokens];
+    float ct[kGemmMaxTokens * kGemmRows];  // c transposed: tokens x rows, as store takes it
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n0 = r * kGemmRows, nr = std::min(kGemmRows, N - n0);
       decode(n0, n0 + nr, w.data(), K);
@@ -135,10 +137,9 @@ void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y
           cpublas::brgemm(nr, mt, kb, /*ld_a=*/K, /*ld_b=*/mt, /*ld_c=*/mt, /*add_C=*/k0 > 0, w.data() + k0,
                           b + k0 * mt, c, /*is_vnni=*/false);
         }
-        for (int64_t m = 0; m < real; ++m) {
-          float* yr = y + (m0 + m) * N + n0;
-          for (int64_t i = 0; i < nr; ++i) yr[i] = c[i * mt + m];
-        }
+        for (int64_t m = 0; m < real; ++m)
+          for (int64_t i = 0; i < nr; ++i) ct[m * kGemmRows + i] = c[i * mt + m];
+        store(m0, real, n0, nr, ct, kGemmRows);
       }
     }
     cpublas::brgemm_release(/*is_vnni=*/false);

@@ -13,19 +13,20 @@ namespace bitcpm_cpu {
 // out, row r at out + (r - n0) * ld. Called from several threads at once on disjoint rows.
 using DecodeRowsFp32 = std::function<void(int64_t n0, int64_t n1, float* out, int64_t ld)>;
 
-// y (M x N, row-major, float32) = x (M x K, row-major) . W^T, W's rows coming from decode.
-// Each thread owns tiles of kGemmRows output columns (weight rows): it decodes a tile once into
-// a buffer that stays in L1/L2 and runs brgemm on it for every tile of tokens, so the packed
-// codes are read once per call and never expanded in memory.
-void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, float* y, const DecodeRowsFp32& decode);
+// Takes a finished fp32 block of y: tokens [m0, m0 + mb) x rows [n0, n0 + nr) at c (ld_c), so the
+// caller writes it in the output's dtype (no fp32 copy of a large y written and read again).
+using StoreBlock = std::function<void(int64_t m0, int64_t mb, int64_t n0, int64_t nr, const float* c, int64_t ld_c)>;
+
+// y (M x N) = x (M x K, row-major, fp32) . W^T, W's rows coming from decode; each finished block
+// of y goes to store. Each thread owns tiles of kGemmRows output columns (weight rows): it decodes
+// a tile once into a buffer that stays in L1/L2 and runs brgemm on it for every tile of tokens,
+// so the packed codes are read once per call and never expanded in memory.
+void ternary_gemm_fp32(int64_t M, int64_t N, int64_t K, const float* x, const StoreBlock& store,
+                       const DecodeRowsFp32& decode);
 
 // Writes rows [n0, n1) of the dequantized weight as bf16 bits (t * s exact: bf16 scales), in x's
 // K order, row r at out + (r - n0) * ld.
 using DecodeRowsBf16 = std::function<void(int64_t n0, int64_t n1, uint16_t* out, int64_t ld)>;
-
-// Takes a finished fp32 block of y: tokens [m0, m0 + mb) x rows [n0, n0 + nr) at c (ld_c), so the
-// caller writes it in the output's dtype (no fp32 copy of a large y written and read again).
-using StoreBlock = std::function<void(int64_t m0, int64_t mb, int64_t n0, int64_t nr, const float* c, int64_t ld_c)>;
 
 // The same with bf16 x (bits, M x K, K a multiple of 32) and bf16 products accumulated in fp32
 // (vdpbf16ps; AMX where the CPU has it): for AVX512-BF16 CPUs. Exact products, fp32 sums, as the

@@ -329,9 +329,11 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
           // fp32 as in the dense layer, so only the summation order differs. The GEMM pads its
           // token tiles to multiples of 8; up to 3 tokens past one (a decode batch of 10) cost less
           // in the decode loops than padded to 8 more (kGemmTailTokens).
+          // 16-bit activations: the blocks are rounded once into the output (store_block).
           const int64_t tail = Mrows % 8 <= kGemmTailTokens ? Mrows % 8 : 0;
           const int64_t gemm_m = Mrows - tail;
-          ternary_gemm_fp32(gemm_m, N, c.Kp, c.xp, c.y, [&](int64_t a, int64_t b, float* out, int64_t ld) {
+          if (xt != at::kFloat) y_direct = at::empty({Mrows, N}, x_in.options());
+          ternary_gemm_fp32(gemm_m, N, c.Kp, c.xp, store_block, [&](int64_t a, int64_t b, float* out, int64_t ld) {
             std::vector<float> sbuf(G);
             dequant_rows_avx2(c, a, b, out, ld, sbuf.data());  // store bound: AVX512 CPUs use it too
           });
@@ -341,6 +343,7 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_in, const at::Tensor& codes_i
             rest.xp = c.xp + gemm_m * c.Kp;
             rest.y = c.y + gemm_m * N;
             decode_loops(rest);
+            if (y_direct.defined()) store_block(gemm_m, tail, 0, N, rest.y, N);  // fp32 rows of y32 -> output
           }
         } else if (Mrows >= kGemmMinM) {
           // Prefill: dequantize tiles of rows to fp32 and let at::mm (MKL/oneDNN sgemm) do the
