@@ -27,6 +27,8 @@ def main() -> None:
     from engine_sides import (SIDES, add_model_arguments, apply_isa_mode, engine_settings, model_threads_env,
                               resolve_model)
 
+    from vllm_bitcpm.testing.sidebyside import child_env
+
     add_model_arguments(parser)
     parser.set_defaults(sides=None)  # one side here: --sides SIDE (default plugin), --stock = --sides stock
     parser.add_argument("--stock", action="store_true", help="profile stock vLLM (plugin disabled)")
@@ -41,12 +43,12 @@ def main() -> None:
     if args.sides and (len(args.sides) != 1 or (args.stock and side != "stock")):
         parser.error("profile_decode.py profiles one side: --sides SIDE (or --stock)")
     _, plugin_on, side_env, side_settings = next(entry for entry in SIDES if entry[0] == side)
+    # The side's environment as its engine child would get it (sidebyside.child_env); the engine
+    # runs in this process, so a side's PYTHONPATH (zentorch's site) also goes on sys.path.
+    os.environ.update(child_env(plugin_on, side_env))
+    sys.path[:0] = [p for p in side_env.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.update(model_threads_env(args.threads))  # before torch starts OpenMP (AVX2 mode imports it early)
-    os.environ["VLLM_PLUGINS"] = "bitcpm" if plugin_on else ""
-    if "PYTHONPATH" in side_env and side_env["PYTHONPATH"] not in sys.path:  # zentorch sides: its site
-        sys.path.insert(0, side_env["PYTHONPATH"])
-    os.environ.update({k: v for k, v in side_env.items() if k != "PYTHONPATH"})
     apply_isa_mode(args)
     model = resolve_model(args)
     settings = engine_settings(args)
@@ -78,12 +80,13 @@ def main() -> None:
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"{steps} steps"
-    print(f"\n{side} ({settings.get('dtype', args.dtype)}, {'compiled' if args.compile else 'eager'}): batch {args.batch}, {args.threads} thread(s), "
+    mode = "compiled" if args.compile else "eager"
+    print(f"\n{side} ({settings['dtype']}, {mode}): batch {args.batch}, {args.threads} thread(s), "
           f"{what}, {total_us / steps / 1000:.2f} ms self CPU per step (profiled)")
     print(f"{min(walls) / steps * 1000:.2f} ms wall per step unprofiled (min of 2 runs; includes the engine's "
           "scheduling, sampling and output handling)")
     calls = sum(e.count for e in events) / steps
-    print(f"{calls:.0f} op calls per step (VLLM_BITCPM_FUSED_CPU_OPS={os.environ.get('VLLM_BITCPM_FUSED_CPU_OPS', '1')})")
+    print(f"{calls:.0f} op calls per step (VLLM_BITCPM_FUSED_CPU_OPS={os.environ.get('VLLM_BITCPM_FUSED_CPU_OPS', 'auto')})")
     print(f"{'op':60s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s}")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
         print(f"{e.key[:60]:60s} {e.count / steps:10.1f} {e.self_cpu_time_total / steps / 1000:8.3f} "

@@ -143,6 +143,8 @@ def test_compiled_models_keep_inductors_own_fusion_unless_asked(monkeypatch):
     monkeypatch.setenv(cpu_fused.FUSED_ENV, "yes")
     with pytest.raises(ValueError, match="VLLM_BITCPM_FUSED_CPU_OPS='yes'"):
         cpu_fused.install(Holder(longrope(ORIGINAL, torch.float32)), lambda: True)
+    with pytest.raises(ValueError, match="expected auto, 0 or 1"):  # the lm_head's switch reads the same
+        cpu_fused.switched_on()
 
 
 @pytest.mark.parametrize("eager", [True, False])

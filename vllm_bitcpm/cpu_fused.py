@@ -45,16 +45,22 @@ def fused_kernels_available() -> bool:
     return all(hasattr(torch.ops._C, op) for op in ("rotary_embedding", "rms_norm", "silu_and_mul"))
 
 
+def setting() -> str:
+    """``VLLM_BITCPM_FUSED_CPU_OPS``: ``auto`` (unset), ``0`` or ``1``; anything else is refused."""
+    value = os.environ.get(FUSED_ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"bitcpm: {FUSED_ENV}={value!r}: expected auto, 0 or 1")
+    return value
+
+
 def switched_on() -> bool:
     """``VLLM_BITCPM_FUSED_CPU_OPS`` is not ``0`` (also read by vllm_bitcpm.lm_head)."""
-    return os.environ.get(FUSED_ENV, "auto") != "0"
+    return setting() != "0"
 
 
 def wanted(compiled: bool) -> bool:
     """Whether a model that runs ``compiled`` (torch.compile) or eager takes the fused modules."""
-    value = os.environ.get(FUSED_ENV, "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"bitcpm: {FUSED_ENV}={value!r}: expected auto, 0 or 1")
+    value = setting()
     return value == "1" or (value == "auto" and not compiled)
 
 
