@@ -14,8 +14,9 @@ On the synthetic BitCPM4-0.5B shape this cuts the op calls of an eager decode st
 2677 (``VLLM_BITCPM_FUSED_CPU_OPS=0`` vs ``1``, benchmarks/profile_decode.py). Under torch.compile
 (vLLM's default) inductor fuses the composites itself, with the residual adds and scalings around
 them, and the opaque ``_C`` calls only break its fusion: an int8 batch-1 step was ~0.5 ms (~4%)
-shorter without them (AVX512-BF16 Zen 4, ``profile_decode.py --sides plugin-int8 --compile``), so by
-default they are installed for eager engines only.
+shorter without them on the AVX512-BF16 paths and ~0.9 ms (~6%) on the AVX2 paths (Zen 4,
+``profile_decode.py [--isa avx2] --sides plugin-int8 --compile``), so by default they are
+installed for eager engines only.
 
 They take effect only while ``active()`` is true (the model has ternary layers), so a dense
 MiniCPM checkpoint loaded through the plugin still runs exactly stock vLLM's ops.
